@@ -1,0 +1,135 @@
+"""Conversations, messages, attachments and message templates.
+
+Content columns end in ``_enc`` and hold AES-GCM ciphertext under the contact's data key with
+associated data ``pforte:v1:<table>:<column>:<row id>``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from pforte.db import Base, UTCDateTime, new_id
+
+
+class Conversation(Base):
+    """The thread between one contact and one channel."""
+
+    __tablename__ = "conversations"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"))
+    contact_id: Mapped[str] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"))
+    channel_id: Mapped[str] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    unread_count: Mapped[int] = mapped_column(Integer, default=0)
+    last_activity_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_inbound_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_message_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        UniqueConstraint("channel_id", "contact_id"),
+        Index("ix_conversations_org_activity", "org_id", "last_activity_at"),
+    )
+
+
+class Message(Base):
+    """One message in either direction; ``external_id`` (wamid) is unique per channel."""
+
+    __tablename__ = "messages"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"))
+    conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    channel_id: Mapped[str] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"))
+    contact_id: Mapped[str] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"))
+    direction: Mapped[str] = mapped_column(String(3))  # in | out
+    type: Mapped[str] = mapped_column(String(24))
+    external_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    status: Mapped[str] = mapped_column(String(16))
+    body_enc: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    details_enc: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # JSON, type-specific
+    raw_enc: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # kept only if unsupported
+    context_external_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    forwarded: Mapped[bool] = mapped_column(Boolean, default=False)
+    sender_user_id: Mapped[str | None] = mapped_column(ForeignKey("staff_users.id"), nullable=True)
+    template_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    error_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)  # our code, e.g. needs_template
+    error_title: Mapped[str | None] = mapped_column(String(300), nullable=True)  # provider's generic wording
+    review_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    provider_ts: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    read_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+    __table_args__ = (
+        UniqueConstraint("channel_id", "external_id"),
+        Index("ix_messages_conversation_created", "conversation_id", "created_at"),
+        Index("ix_messages_org_status", "org_id", "status"),
+    )
+
+
+class Attachment(Base):
+    """A media file of a message, stored encrypted in the blob directory."""
+
+    __tablename__ = "attachments"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"))
+    message_id: Mapped[str] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), index=True)
+    contact_id: Mapped[str] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))  # image | video | document | audio | sticker
+    media_id: Mapped[str | None] = mapped_column(String(200), nullable=True)  # provider's id
+    mime_type: Mapped[str | None] = mapped_column(String(120), nullable=True)
+    expected_sha256: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    filename_enc: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    state: Mapped[str] = mapped_column(String(16))  # pending | stored | failed
+    error_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    blob_name: Mapped[str | None] = mapped_column(String(80), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class MessageTemplate(Base):
+    """An approved WhatsApp template that staff may send outside the 24-hour window."""
+
+    __tablename__ = "message_templates"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    language: Mapped[str] = mapped_column(String(16))
+    body: Mapped[str] = mapped_column(String(1024))  # the approved text with {{1}} placeholders
+    param_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (UniqueConstraint("org_id", "name", "language"),)
+
+
+class PendingStatus(Base):
+    """A status webhook that arrived before we recorded the wamid of the send it belongs to."""
+
+    __tablename__ = "pending_statuses"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    channel_id: Mapped[str] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"))
+    external_id: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    provider_ts: Mapped[datetime] = mapped_column(UTCDateTime)
+    error_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error_title: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+    __table_args__ = (
+        UniqueConstraint("channel_id", "external_id", "status"),
+        Index("ix_pending_statuses_lookup", "channel_id", "external_id"),
+    )
