@@ -12,7 +12,20 @@ DEFAULT_GRAPH_VERSIONS: tuple[str, ...] = tuple(f"v{n}.0" for n in range(20, 27)
 # Meta documents only "exponential backoff for up to 7 days"; the exact schedule is unknown.
 # This one doubles from half a second and then stays at one hour.
 DEFAULT_RETRY_SCHEDULE_S: tuple[float, ...] = (
-    0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 3600,
+    0.5,
+    1,
+    2,
+    4,
+    8,
+    16,
+    32,
+    64,
+    128,
+    256,
+    512,
+    1024,
+    2048,
+    3600,
 )
 
 SEVEN_DAYS_S = 7 * 24 * 3600.0

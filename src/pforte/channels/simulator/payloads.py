@@ -37,7 +37,11 @@ ERRORS: dict[int, tuple[str, str, int]] = {
         "phone number; the recipient has not accepted the new Terms of Service and Privacy Policy.",
         400,
     ),
-    131036: ("No-storage retry TTL reached", "Message could not be delivered within the retention time.", 400),
+    131036: (
+        "No-storage retry TTL reached",
+        "Message could not be delivered within the retention time.",
+        400,
+    ),
     131047: (
         "Re-engagement message",
         "Message failed to send because more than 24 hours have passed since the customer last replied "
@@ -185,9 +189,7 @@ def messages_value(number: SimNumber, user: SimUser, message: dict[str, Any]) ->
     }
 
 
-def statuses_value(
-    number: SimNumber, status: dict[str, Any], user: SimUser | None = None
-) -> dict[str, Any]:
+def statuses_value(number: SimNumber, status: dict[str, Any], user: SimUser | None = None) -> dict[str, Any]:
     """value of a status change; username users get a contacts[] entry (delivered/read)."""
     value: dict[str, Any] = {"messaging_product": "whatsapp", "metadata": metadata(number)}
     if user is not None and user.username and status.get("status") in ("delivered", "read"):

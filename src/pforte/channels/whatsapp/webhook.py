@@ -17,7 +17,7 @@ import hmac
 import json
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 from pforte.channels.base import (
     ChannelProblem,
@@ -189,7 +189,7 @@ class _Contacts:
             # Neither from nor from_user_id: Meta names the one author in contacts[].
             contact = self.items[0]
         contact = contact or {}
-        profile = contact.get("profile") if isinstance(contact.get("profile"), dict) else {}
+        profile = _obj(contact.get("profile"))
         user_id = user_id or _str(contact.get("user_id"))
         wa_id = wa_id or _str(contact.get("wa_id"))
         if not user_id and not wa_id:
@@ -211,7 +211,7 @@ def _parse_message(item: Any, ref: str, contacts: _Contacts) -> InboundMessage:
         raise _Malformed("missing id")
     timestamp = _timestamp(item.get("timestamp"))
     sender = contacts.sender(item)
-    context = item.get("context") if isinstance(item.get("context"), dict) else {}
+    context = _obj(item.get("context"))
     details: dict[str, Any] = {}
     if isinstance(context.get("referred_product"), dict):
         details["referred_product"] = context["referred_product"]
@@ -263,8 +263,10 @@ def _parse_body(msg_type: Any, item: dict[str, Any]) -> _Body | None:
     """Map a known type to (type, text, media, details); ``None`` means keep it as unsupported."""
     if not isinstance(msg_type, str) or msg_type == "unsupported":
         return None
+    if msg_type == "contacts":
+        return _contacts_body(item.get("contacts"))
     obj = item.get(msg_type)
-    if not isinstance(obj, dict) and msg_type != "contacts":
+    if not isinstance(obj, dict):
         return None
     if msg_type == "text":
         body = obj.get("body")
@@ -273,8 +275,6 @@ def _parse_body(msg_type: Any, item: dict[str, Any]) -> _Body | None:
         return _media_body(msg_type, obj)
     if msg_type == "location":
         return _location_body(obj)
-    if msg_type == "contacts":
-        return _contacts_body(obj)
     if msg_type == "interactive":
         return _interactive_body(obj)
     if msg_type == "button":
@@ -312,14 +312,15 @@ def _location_body(obj: dict[str, Any]) -> _Body | None:
     lat, lon = obj.get("latitude"), obj.get("longitude")
     if not _is_number(lat) or not _is_number(lon):
         return None
+    name, address = _str(obj.get("name")), _str(obj.get("address"))
     details = {
         "latitude": float(lat),
         "longitude": float(lon),
-        "name": _str(obj.get("name")),
-        "address": _str(obj.get("address")),
+        "name": name,
+        "address": address,
         "url": _str(obj.get("url")),
     }
-    text = ", ".join(p for p in (details["name"], details["address"]) if p) or None
+    text = ", ".join(p for p in (name, address) if p) or None
     return "location", text, None, details
 
 
@@ -329,7 +330,7 @@ def _contacts_body(obj: Any) -> _Body | None:
     cards = [c for c in obj if isinstance(c, dict)]
     names: list[str] = []
     for card in cards:
-        name = card.get("name") if isinstance(card.get("name"), dict) else {}
+        name = _obj(card.get("name"))
         formatted = _str(name.get("formatted_name")) or " ".join(
             p for p in (_str(name.get("first_name")), _str(name.get("last_name"))) if p
         )
@@ -382,7 +383,7 @@ def _problems(errors: Any) -> tuple[ChannelProblem, ...]:
         if not isinstance(err, dict):
             continue
         code = err.get("code")
-        data = err.get("error_data") if isinstance(err.get("error_data"), dict) else {}
+        data = _obj(err.get("error_data"))
         out.append(
             ChannelProblem(
                 code=code if isinstance(code, int) and not isinstance(code, bool) else 0,
@@ -416,6 +417,10 @@ def _timestamp(value: Any) -> datetime:
         raise _Malformed("invalid timestamp") from None
 
 
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
@@ -424,5 +429,5 @@ def _str(value: Any) -> str | None:
     return value if isinstance(value, str) and value != "" else None
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)

@@ -1,0 +1,77 @@
+"""The ASGI application: routes, error mapping, security headers, lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from pforte.bootstrap import Services
+from pforte.channels.whatsapp.routes import router as whatsapp_router
+from pforte.errors import PforteError
+from pforte.web.security import SecurityHeaders
+
+log = logging.getLogger("pforte.app")
+
+
+def create_app(services: Services, *, manage_lifespan: bool = True) -> FastAPI:
+    """Build the app around a composition root; the lifespan starts and stops its workers."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        if manage_lifespan:
+            await services.start()
+        try:
+            yield
+        finally:
+            if manage_lifespan:
+                await services.stop()
+
+    app = FastAPI(title="pforte", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.services = services
+
+    @app.exception_handler(PforteError)
+    async def _pforte_error(request: Request, exc: PforteError) -> Response:
+        from pforte.web.ui.errors import render_error
+
+        return await render_error(request, exc)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(OSError)
+    async def _db_down(request: Request, exc: Exception) -> Response:
+        log.warning("dependency unavailable", extra={"error": type(exc).__name__})
+        return JSONResponse({"error": "unavailable"}, status_code=503, headers={"Retry-After": "5"})
+
+    @app.get("/healthz", response_class=PlainTextResponse)
+    async def healthz() -> str:
+        """The process is alive."""
+        return "ok"
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """The database answers and the background writers run."""
+        try:
+            async with services.db.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception:
+            return JSONResponse({"ready": False, "database": "down"}, status_code=503)
+        return JSONResponse({"ready": services.started, "database": "up"}, status_code=200 if services.started else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus metrics (no identifiers in any label)."""
+        return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(whatsapp_router)
+    from pforte.web.ui.routes import router as ui_router
+
+    app.include_router(ui_router)
+    app.add_middleware(SecurityHeaders)
+    return app

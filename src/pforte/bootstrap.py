@@ -1,0 +1,89 @@
+"""The one composition root: builds every long-lived piece from settings; tests override pieces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from pforte.channels.service import ChannelCache
+from pforte.clock import Clock, SystemClock
+from pforte.config import Settings
+from pforte.conversations import jobs as conversation_jobs
+from pforte.conversations.ingest import Ingestor, IngestWriter
+from pforte.crypto.blobs import BlobStore
+from pforte.crypto.keys import FileKeyProvider, KeyProvider, KeyService
+from pforte.db import Database
+from pforte.events import EventBus
+from pforte.metrics import Metrics
+from pforte.outbox.ratelimit import RateLimits
+from pforte.outbox.worker import OutboxWorker
+
+
+@dataclass
+class Services:
+    """Everything a running pforte needs, created once and shared by requests and jobs."""
+
+    settings: Settings
+    clock: Clock
+    db: Database
+    keys: KeyService
+    blobs: BlobStore
+    metrics: Metrics
+    bus: EventBus
+    channels: ChannelCache
+    ingest: IngestWriter
+    outbox: OutboxWorker
+    http: httpx.AsyncClient
+    started: bool = False
+
+    async def start(self) -> None:
+        """Start background tasks (ingest writer; outbox worker unless disabled)."""
+        if self.started:
+            return
+        await self.ingest.start()
+        if self.settings.run_workers:
+            await self.outbox.start()
+        self.started = True
+
+    async def stop(self) -> None:
+        """Stop background tasks and close connections."""
+        if self.started:
+            await self.outbox.stop()
+            await self.ingest.stop()
+            self.started = False
+        await self.http.aclose()
+        await self.db.dispose()
+
+
+def build_services(
+    settings: Settings,
+    *,
+    clock: Clock | None = None,
+    key_provider: KeyProvider | None = None,
+    graph_transport: httpx.AsyncBaseTransport | None = None,
+    **_: Any,
+) -> Services:
+    """Wire pforte; nothing connects until ``start`` or the first query."""
+    clock = clock or SystemClock()
+    db = Database(settings.effective_database_url)
+    provider = key_provider or FileKeyProvider(settings.effective_key_file, clock)
+    keys = KeyService(provider, clock=clock, ttl=settings.dek_cache_seconds, size=settings.dek_cache_size)
+    blobs = BlobStore(settings.effective_blob_dir)
+    metrics = Metrics()
+    bus = EventBus()
+    channels = ChannelCache(keys)
+    http = httpx.AsyncClient(transport=graph_transport, timeout=settings.graph_timeout_seconds)
+    ingest = IngestWriter(
+        db=db, ingestor=Ingestor(keys=keys, clock=clock), bus=bus, metrics=metrics,
+        window_ms=settings.group_commit_window_ms, max_updates=settings.group_commit_max_updates,
+    )
+    outbox = OutboxWorker(db=db, clock=clock, metrics=metrics, poll_seconds=settings.outbox_poll_seconds,
+                          batch=settings.outbox_batch, lease_seconds=settings.outbox_lease_seconds)
+    conversation_jobs.register(outbox, conversation_jobs.JobDeps(
+        db=db, keys=keys, channels=channels, blobs=blobs, clock=clock, metrics=metrics, bus=bus, http=http,
+        limits=RateLimits(clock), media_max_bytes=settings.media_max_bytes,
+    ))
+    return Services(settings=settings, clock=clock, db=db, keys=keys, blobs=blobs, metrics=metrics, bus=bus,
+                    channels=channels, ingest=ingest, outbox=outbox, http=http)

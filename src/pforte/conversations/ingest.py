@@ -1,0 +1,522 @@
+"""Inbound hot path: persist parsed webhook batches with group commit, then acknowledge.
+
+Invariant (DESIGN 4, persist then acknowledge): a webhook request is answered 200 only after
+everything it carried is committed. To reach thousands of updates per second, concurrent requests
+are not given a transaction each: the ``IngestWriter`` collects what arrives within a few
+milliseconds (``group_commit_window_ms``) and writes it in ONE transaction with Core bulk
+statements; every waiting request is answered after that shared commit. If the transaction fails,
+every request in the group gets the error (503) and the sender retries; the unique
+``(channel_id, external_id)`` key makes the retry a no-op for what did get stored.
+
+Steps inside the transaction, all set-based: resolve contacts by blind index (creating contact,
+data key and conversation where new), insert messages with ON CONFLICT DO NOTHING (RETURNING tells
+which were new), attachments and their download jobs, conversation counters, then statuses (merged
+forward-only; statuses for a wamid not yet recorded are parked in ``pending_statuses``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, bindparam, insert, or_, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from pforte.channels.base import MEDIA_TYPES, InboundBatch, InboundMessage, StatusUpdate
+from pforte.channels.service import ChannelRuntime
+from pforte.clock import Clock
+from pforte.contacts.models import Contact
+from pforte.conversations import status as status_policy
+from pforte.conversations.models import Attachment, Conversation, Message, PendingStatus
+from pforte.crypto.blind_index import blind_index
+from pforte.crypto.envelope import FieldCipher
+from pforte.crypto.keys import KeyService
+from pforte.crypto.models import DataKey
+from pforte.db import Database, new_id, upsert_insert
+from pforte.errors import ServiceUnavailable
+from pforte.events import EventBus, LiveEvent
+from pforte.metrics import Metrics
+from pforte.orgs.models import Organisation
+from pforte.outbox.models import Job
+
+log = logging.getLogger("pforte.ingest")
+
+C = Contact.__table__
+CONV = Conversation.__table__
+M = Message.__table__
+A = Attachment.__table__
+PS = PendingStatus.__table__
+J = Job.__table__
+DK = DataKey.__table__
+
+
+@dataclass(slots=True)
+class IngestResult:
+    """What one submitted batch did."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    statuses_applied: int = 0
+    statuses_pending: int = 0
+
+
+@dataclass(slots=True)
+class _Item:
+    channel: ChannelRuntime
+    batch: InboundBatch
+    future: asyncio.Future[IngestResult]
+    result: IngestResult = field(default_factory=IngestResult)
+
+
+@dataclass(slots=True)
+class _OrgKeys:
+    kek_id: str
+    index_key: bytes
+
+
+class Ingestor:
+    """Writes a group of batches in one transaction (no commit here: the writer owns it)."""
+
+    def __init__(self, *, keys: KeyService, clock: Clock) -> None:
+        self.keys = keys
+        self.clock = clock
+        self._org_keys: dict[str, _OrgKeys] = {}
+
+    async def _org(self, conn: AsyncConnection, org_id: str) -> _OrgKeys:
+        hit = self._org_keys.get(org_id)
+        if hit:
+            return hit
+        row = (
+            await conn.execute(
+                select(Organisation.kek_id, Organisation.index_key_id).where(Organisation.id == org_id)
+            )
+        ).one()
+        key = await self.keys.raw_key(conn, row.index_key_id)  # type: ignore[arg-type]
+        hit = _OrgKeys(kek_id=row.kek_id, index_key=key)
+        self._org_keys[org_id] = hit
+        return hit
+
+    async def write(self, conn: AsyncConnection, items: list[_Item]) -> list[LiveEvent]:
+        """Persist every item's messages and statuses; return the live events to publish."""
+        now = self.clock.now()
+        dialect = conn.dialect.name
+        events: set[tuple[str, str]] = set()
+        for it in items:
+            it.result = IngestResult()  # a retried group starts counting afresh
+        # Messages first: contacts -> conversations -> rows.
+        by_org: dict[str, list[tuple[_Item, InboundMessage]]] = defaultdict(list)
+        for it in items:
+            for m in it.batch.messages:
+                by_org[it.channel.org_id].append((it, m))
+        for org_id, pairs in by_org.items():
+            await self._write_messages(conn, dialect, org_id, pairs, now, events)
+        statuses = [(it, s) for it in items for s in it.batch.statuses]
+        if statuses:
+            await self._write_statuses(conn, dialect, statuses, now, events)
+        return [LiveEvent(org_id=o, type="conversation", conversation_id=c) for o, c in sorted(events)]
+
+    async def _resolve_contacts(
+        self, conn: AsyncConnection, dialect: str, org_id: str, msgs: list[InboundMessage], now: datetime
+    ) -> dict[str, tuple[str, str]]:
+        """Map sender key -> (contact id, dek id), creating contacts where new."""
+        ok = await self._org(conn, org_id)
+        senders = {m.sender.key: m.sender for m in msgs}
+        bsuid_ix = {k: blind_index(ok.index_key, "bsuid", s.user_id) for k, s in senders.items() if s.user_id}
+        phone_ix = {k: blind_index(ok.index_key, "phone", s.wa_id) for k, s in senders.items() if s.wa_id}
+        conds = []
+        if bsuid_ix:
+            conds.append(C.c.bsuid_index.in_(set(bsuid_ix.values())))
+        if phone_ix:
+            conds.append(C.c.phone_index.in_(set(phone_ix.values())))
+        found: dict[str, tuple[str, str]] = {}
+        if not conds:
+            return found
+        rows = (
+            await conn.execute(
+                select(C.c.id, C.c.dek_id, C.c.bsuid_index, C.c.phone_index)
+                .where(C.c.org_id == org_id, or_(*conds)).order_by(C.c.created_at)
+            )
+        ).all()
+        by_bsuid = {r.bsuid_index: r for r in rows if r.bsuid_index}
+        by_phone: dict[str, Any] = {}
+        for r in rows:
+            if r.phone_index:
+                by_phone[r.phone_index] = r  # the newest contact with that phone wins
+        adopt: list[dict[str, Any]] = []
+        new_contacts: list[dict[str, Any]] = []
+        new_keys: list[dict[str, Any]] = []
+        for k, s in senders.items():
+            bi, pi = bsuid_ix.get(k), phone_ix.get(k)
+            r = by_bsuid.get(bi) if bi else None
+            if r is None and pi and pi in by_phone:
+                cand = by_phone[pi]
+                if cand.bsuid_index is None or bi is None:
+                    r = cand
+                    if bi and cand.bsuid_index is None:
+                        adopt.append({"b_id": cand.id, "b_index": bi, "b_dek": cand.dek_id, "b_user": s.user_id})
+            if r is not None:
+                found[k] = (r.id, r.dek_id)
+                continue
+            key_row, key = self.keys.new_data_key(org_id=org_id, kek_id=ok.kek_id, purpose="contact", now=now)
+            cipher = FieldCipher(key)
+            cid = new_id()
+            new_keys.append(key_row)
+            new_contacts.append({
+                "id": cid, "org_id": org_id, "dek_id": key_row["id"], "bsuid_index": bi, "phone_index": pi,
+                "bsuid_enc": cipher.seal_text(s.user_id, "contacts", "bsuid", cid),
+                "phone_enc": cipher.seal_text(s.wa_id, "contacts", "phone", cid),
+                "name_enc": None,
+                "profile_name_enc": cipher.seal_text(s.profile_name, "contacts", "profile_name", cid),
+                "username_enc": cipher.seal_text(s.username, "contacts", "username", cid),
+                "created_at": now, "updated_at": now,
+            })
+            found[k] = (cid, key_row["id"])
+        if adopt:
+            ciphers = await self.keys.ciphers(conn, {a["b_dek"] for a in adopt})
+            for a in adopt:
+                a["b_enc"] = ciphers[a["b_dek"]].seal_text(a["b_user"], "contacts", "bsuid", a["b_id"])
+            await conn.execute(
+                update(C).where(C.c.id == bindparam("b_id"))
+                .values(bsuid_index=bindparam("b_index"), bsuid_enc=bindparam("b_enc")),
+                [{k: v for k, v in a.items() if k in ("b_id", "b_index", "b_enc")} for a in adopt],
+            )
+        if new_contacts:
+            await conn.execute(insert(DK), new_keys)
+            ins = upsert_insert(dialect, C).on_conflict_do_nothing(index_elements=["org_id", "bsuid_index"])
+            inserted = {r.id for r in await conn.execute(ins.returning(C.c.id), new_contacts)}
+            lost = [c for c in new_contacts if c["id"] not in inserted]
+            if lost:  # another process created the same BSUID contact meanwhile: use theirs
+                rows = await conn.execute(
+                    select(C.c.id, C.c.dek_id, C.c.bsuid_index)
+                    .where(C.c.org_id == org_id, C.c.bsuid_index.in_([c["bsuid_index"] for c in lost]))
+                )
+                theirs = {r.bsuid_index: (r.id, r.dek_id) for r in rows}
+                for k, bi in bsuid_ix.items():
+                    if bi in theirs and found[k][0] not in inserted:
+                        found[k] = theirs[bi]
+        return found
+
+    async def _resolve_conversations(
+        self, conn: AsyncConnection, dialect: str, org_id: str, pairs: set[tuple[str, str]], now: datetime
+    ) -> dict[tuple[str, str], str]:
+        """Map (channel id, contact id) -> conversation id, creating where new."""
+        q = select(CONV.c.id, CONV.c.channel_id, CONV.c.contact_id).where(
+            tuple_(CONV.c.channel_id, CONV.c.contact_id).in_(list(pairs))
+        )
+        found = {(r.channel_id, r.contact_id): r.id for r in await conn.execute(q)}
+        missing = [p for p in pairs if p not in found]
+        if missing:
+            rows = [{"id": new_id(), "org_id": org_id, "channel_id": ch, "contact_id": ct, "status": "open",
+                     "unread_count": 0, "last_activity_at": now, "last_inbound_at": None,
+                     "last_message_id": None, "created_at": now} for ch, ct in missing]
+            ins = upsert_insert(dialect, CONV).on_conflict_do_nothing(index_elements=["channel_id", "contact_id"])
+            await conn.execute(ins, rows)
+            found.update({(r.channel_id, r.contact_id): r.id for r in await conn.execute(q)})
+        return found
+
+    async def _write_messages(
+        self,
+        conn: AsyncConnection,
+        dialect: str,
+        org_id: str,
+        pairs: list[tuple[_Item, InboundMessage]],
+        now: datetime,
+        events: set[tuple[str, str]],
+    ) -> None:
+        # Drop in-batch duplicates and ones already stored before touching contacts.
+        seen: set[tuple[str, str]] = set()
+        fresh: list[tuple[_Item, InboundMessage]] = []
+        for it, m in pairs:
+            key = (it.channel.id, m.external_id)
+            if key in seen:
+                it.result.duplicates += 1
+                continue
+            seen.add(key)
+            fresh.append((it, m))
+        existing = set()
+        by_channel: dict[str, list[str]] = defaultdict(list)
+        for it, m in fresh:
+            by_channel[it.channel.id].append(m.external_id)
+        for ch_id, ext_ids in by_channel.items():
+            rows = await conn.execute(
+                select(M.c.external_id).where(M.c.channel_id == ch_id, M.c.external_id.in_(ext_ids))
+            )
+            existing.update((ch_id, r.external_id) for r in rows)
+        todo = []
+        for it, m in fresh:
+            if (it.channel.id, m.external_id) in existing:
+                it.result.duplicates += 1
+            else:
+                todo.append((it, m))
+        if not todo:
+            return
+        contacts = await self._resolve_contacts(conn, dialect, org_id, [m for _, m in todo], now)
+        convs = await self._resolve_conversations(
+            conn, dialect, org_id, {(it.channel.id, contacts[m.sender.key][0]) for it, m in todo}, now
+        )
+        ciphers = await self.keys.ciphers(conn, {dek for _, dek in contacts.values()})
+        rows, owners = [], {}
+        for it, m in todo:
+            contact_id, dek_id = contacts[m.sender.key]
+            cipher = ciphers[dek_id]
+            mid = new_id()
+            details = dict(m.details)
+            if m.frequently_forwarded:
+                details["frequently_forwarded"] = True
+            if m.errors:
+                details["errors"] = [{"code": e.code, "title": e.title} for e in m.errors]
+            rows.append({
+                "id": mid, "org_id": org_id, "conversation_id": convs[(it.channel.id, contact_id)],
+                "channel_id": it.channel.id, "contact_id": contact_id, "direction": "in", "type": m.type,
+                "external_id": m.external_id, "status": "received",
+                "body_enc": cipher.seal_text(m.text, "messages", "body", mid),
+                "details_enc": cipher.seal_text(json.dumps(details), "messages", "details", mid) if details else None,
+                "raw_enc": cipher.seal_text(json.dumps(m.raw), "messages", "raw", mid) if m.raw else None,
+                "context_external_id": m.context_id, "forwarded": m.forwarded or m.frequently_forwarded,
+                "sender_user_id": None, "template_name": None, "error_code": m.errors[0].code if m.errors else None,
+                "error_reason": None, "error_title": None, "review_reason": None, "provider_ts": m.timestamp,
+                "created_at": now, "sent_at": None, "delivered_at": None, "read_at": None, "failed_at": None,
+            })
+            owners[mid] = (it, m, cipher, contact_id)
+        ins = upsert_insert(dialect, M).on_conflict_do_nothing(index_elements=["channel_id", "external_id"])
+        inserted = {r.id for r in await conn.execute(ins.returning(M.c.id), rows)}
+        attachments, jobs = [], []
+        conv_updates: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            it, m, cipher, contact_id = owners[row["id"]]
+            if row["id"] not in inserted:
+                it.result.duplicates += 1  # a concurrent writer stored it first
+                continue
+            it.result.accepted += 1
+            cu = conv_updates.setdefault(row["conversation_id"], {"n": 0, "ts": m.timestamp, "last": row["id"]})
+            cu["n"] += 1
+            if m.timestamp >= cu["ts"]:
+                cu["ts"], cu["last"] = m.timestamp, row["id"]
+            events.add((org_id, row["conversation_id"]))
+            if m.media and m.type in MEDIA_TYPES:
+                aid = new_id()
+                attachments.append({
+                    "id": aid, "org_id": org_id, "message_id": row["id"], "contact_id": contact_id, "kind": m.type,
+                    "media_id": m.media.media_id, "mime_type": m.media.mime_type,
+                    "expected_sha256": m.media.sha256,
+                    "filename_enc": cipher.seal_text(m.media.filename, "attachments", "filename", aid),
+                    "size": None, "state": "pending", "error_reason": None, "attempts": 0, "blob_name": None,
+                    "created_at": now,
+                })
+                jobs.append({"id": new_id(), "org_id": org_id, "kind": "download_media", "channel_id": it.channel.id,
+                             "payload": {"attachment_id": aid}, "state": "queued", "attempts": 0, "run_after": now,
+                             "locked_by": None, "locked_until": None, "started_at": None, "last_error": None,
+                             "created_at": now, "updated_at": now})
+        if attachments:
+            await conn.execute(insert(A), attachments)
+            await conn.execute(insert(J), jobs)
+        if conv_updates:
+            params = [{"c_id": cid, "c_n": v["n"], "c_ts": v["ts"], "c_last": v["last"]}
+                      for cid, v in sorted(conv_updates.items())]
+            await conn.execute(
+                update(CONV).where(CONV.c.id == bindparam("c_id")).values(
+                    unread_count=CONV.c.unread_count + bindparam("c_n"), last_activity_at=now,
+                    last_message_id=bindparam("c_last"),
+                ),
+                params,
+            )
+            await conn.execute(
+                update(CONV).where(CONV.c.id == bindparam("c_id"),
+                                   or_(CONV.c.last_inbound_at.is_(None), CONV.c.last_inbound_at < bindparam("c_ts")))
+                .values(last_inbound_at=bindparam("c_ts")),
+                [{"c_id": p["c_id"], "c_ts": p["c_ts"]} for p in params],
+            )
+
+    async def _write_statuses(
+        self,
+        conn: AsyncConnection,
+        dialect: str,
+        statuses: list[tuple[_Item, StatusUpdate]],
+        now: datetime,
+        events: set[tuple[str, str]],
+    ) -> None:
+        wanted: dict[str, set[str]] = defaultdict(set)
+        for it, s in statuses:
+            wanted[it.channel.id].add(s.external_id)
+        current: dict[tuple[str, str], dict[str, Any]] = {}
+        for ch_id, ext_ids in wanted.items():
+            rows = await conn.execute(
+                select(M.c.id, M.c.org_id, M.c.conversation_id, M.c.external_id, M.c.status, M.c.sent_at,
+                       M.c.delivered_at, M.c.read_at, M.c.failed_at)
+                .where(M.c.channel_id == ch_id, M.c.external_id.in_(list(ext_ids)), M.c.direction == "out")
+            )
+            for r in rows:
+                current[(ch_id, r.external_id)] = dict(r._mapping)
+        changed: dict[str, dict[str, Any]] = {}
+        pending = []
+        for it, s in sorted(statuses, key=lambda p: p[1].timestamp):
+            cur = current.get((it.channel.id, s.external_id))
+            err = s.errors[0] if s.errors else None
+            if cur is None:
+                pending.append({"id": new_id(), "channel_id": it.channel.id, "external_id": s.external_id,
+                                "status": s.status[:16], "provider_ts": s.timestamp,
+                                "error_code": err.code if err else None,
+                                "error_title": err.title[:300] if err else None, "received_at": now, "details": None})
+                it.result.statuses_pending += 1
+                continue
+            state = status_policy.MessageState(
+                status=cur["status"], sent_at=cur["sent_at"], delivered_at=cur["delivered_at"],
+                read_at=cur["read_at"], failed_at=cur["failed_at"],
+            )
+            delta = status_policy.merge(state, s.status, s.timestamp, err.code if err else None)
+            it.result.statuses_applied += 1
+            if not delta:
+                continue
+            if err and "error_code" in delta:
+                delta["error_title"] = err.title[:300]
+            cur.update(delta)
+            changed.setdefault(cur["id"], {}).update(delta)
+            events.add((cur["org_id"], cur["conversation_id"]))
+        if pending:
+            ins = upsert_insert(dialect, PS).on_conflict_do_nothing(
+                index_elements=["channel_id", "external_id", "status"]
+            )
+            await conn.execute(ins, pending)
+        await apply_changes(conn, changed)
+
+
+_STATUS_COLS = ("status", "sent_at", "delivered_at", "read_at", "failed_at", "error_code", "error_reason",
+                "error_title")
+
+
+async def apply_changes(conn: AsyncConnection, changed: dict[str, dict[str, Any]]) -> None:
+    """Write merged delivery-state changes, grouped by the set of columns they touch."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    for mid, delta in sorted(changed.items()):
+        cols = tuple(c for c in _STATUS_COLS if c in delta)
+        groups[cols].append({"m_id": mid, **{f"v_{c}": delta[c] for c in cols}})
+    for cols, params in groups.items():
+        await conn.execute(
+            update(M).where(M.c.id == bindparam("m_id")).values({c: bindparam(f"v_{c}") for c in cols}), params
+        )
+
+
+async def apply_pending_statuses(
+    conn: AsyncConnection, *, channel_id: str, message_id: str, external_id: str, state: status_policy.MessageState
+) -> dict[str, Any]:
+    """Apply statuses that arrived before the send's wamid was recorded; returns the final changes."""
+    rows = (
+        await conn.execute(
+            select(PS).where(and_(PS.c.channel_id == channel_id, PS.c.external_id == external_id))
+            .order_by(PS.c.provider_ts)
+        )
+    ).all()
+    total: dict[str, Any] = {}
+    for r in rows:
+        delta = status_policy.merge(state, r.status, r.provider_ts, r.error_code)
+        if delta:
+            if "error_code" in delta:
+                delta["error_title"] = r.error_title
+            total.update(delta)
+            state = status_policy.MessageState(**{
+                k: total.get(k, getattr(state, k))
+                for k in ("status", "sent_at", "delivered_at", "read_at", "failed_at")
+            })
+    if rows:
+        await conn.execute(PS.delete().where(PS.c.channel_id == channel_id, PS.c.external_id == external_id))
+    if total:
+        await apply_changes(conn, {message_id: total})
+    return total
+
+
+class IngestWriter:
+    """Group commit: one writer task, one transaction per few-millisecond window."""
+
+    def __init__(
+        self, *, db: Database, ingestor: Ingestor, bus: EventBus, metrics: Metrics, window_ms: float,
+        max_updates: int,
+    ) -> None:
+        self.db = db
+        self.ingestor = ingestor
+        self.bus = bus
+        self.metrics = metrics
+        self.window = window_ms / 1000.0
+        self.max_updates = max_updates
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start the writer task."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="pforte-ingest-writer")
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop."""
+        if self._task is None:
+            return
+        await self._queue.join()
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+
+    async def submit(self, channel: ChannelRuntime, batch: InboundBatch) -> IngestResult:
+        """Queue a batch and wait until it is committed (or failed)."""
+        if self._task is None:
+            raise ServiceUnavailable("ingest writer is not running")
+        fut: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Item(channel=channel, batch=batch, future=fut))
+        return await fut
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            group = [first]
+            size = first.batch.size
+            deadline = time.monotonic() + self.window
+            while size < self.max_updates:
+                timeout = deadline - time.monotonic()
+                try:
+                    item = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(
+                        self._queue.get(), timeout
+                    )
+                except (TimeoutError, asyncio.QueueEmpty):
+                    break
+                group.append(item)
+                size += item.batch.size
+            try:
+                await self._commit(group)
+            finally:
+                for _ in group:
+                    self._queue.task_done()
+
+    async def _commit(self, group: list[_Item]) -> None:
+        started = time.perf_counter()
+        try:
+            async with self.db.engine.begin() as conn:
+                events = await self.ingestor.write(conn, group)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if len(group) > 1:  # isolate a poisonous batch: retry one by one
+                for item in group:
+                    await self._commit([item])
+                return
+            log.warning("ingest transaction failed", extra={"error": type(exc).__name__})
+            err = ServiceUnavailable("database write failed")
+            for item in group:
+                if not item.future.done():
+                    item.future.set_exception(err)
+            return
+        self.metrics.ingest_commit_seconds.observe(time.perf_counter() - started)
+        self.metrics.ingest_group_size.observe(sum(i.batch.size for i in group))
+        for item in group:
+            r = item.result
+            self.metrics.messages.labels("in", "received").inc(r.accepted)
+            if not item.future.done():
+                item.future.set_result(r)
+        for ev in events:
+            self.bus.publish(ev)

@@ -1,0 +1,269 @@
+"""Background jobs of conversations: send a staff message, fetch inbound media, send a read receipt.
+
+Each handler runs in three steps with the network call outside any transaction:
+1. load what is needed and, for a send, commit ``started_at`` (the point after which a crash means
+   "outcome unknown");
+2. call the channel (paced per number);
+3. record the result and close the job in ONE transaction, then publish a live event.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from pforte.channels import service as channels
+from pforte.channels.base import (
+    ChannelDownError,
+    ChannelError,
+    MediaRef,
+    NeedsTemplateError,
+    OutboundMessage,
+    OutcomeUnknownError,
+    PermanentError,
+    RateLimitedError,
+    RetryableError,
+)
+from pforte.channels.service import ChannelCache, ChannelRuntime
+from pforte.channels.whatsapp.adapter import WhatsAppAdapter
+from pforte.channels.whatsapp.client import GraphClient
+from pforte.clock import Clock
+from pforte.contacts.models import Contact
+from pforte.conversations import ingest
+from pforte.conversations import status as status_policy
+from pforte.conversations.models import Attachment, Message
+from pforte.crypto.blobs import BlobStore
+from pforte.crypto.keys import KeyService
+from pforte.db import Database
+from pforte.events import EventBus, LiveEvent
+from pforte.metrics import Metrics
+from pforte.outbox.ratelimit import RateLimits
+from pforte.outbox.worker import ClaimedJob, OutboxWorker, backoff_seconds, finish
+
+log = logging.getLogger("pforte.jobs")
+M = Message.__table__
+A = Attachment.__table__
+C = Contact.__table__
+
+MAX_SEND_ATTEMPTS = 12
+MAX_MEDIA_ATTEMPTS = 8
+DOWN_RECHECK_SECONDS = 30.0
+
+
+@dataclass
+class JobDeps:
+    """What the handlers need; built once in bootstrap."""
+
+    db: Database
+    keys: KeyService
+    channels: ChannelCache
+    blobs: BlobStore
+    clock: Clock
+    metrics: Metrics
+    bus: EventBus
+    http: httpx.AsyncClient
+    limits: RateLimits
+    media_max_bytes: int
+
+    def adapter(self, rt: ChannelRuntime) -> WhatsAppAdapter:
+        """A WhatsApp adapter for a channel's current credentials."""
+        return WhatsAppAdapter(GraphClient(http=self.http, base_url=rt.graph_base_url, version=rt.graph_version,
+                                           phone_number_id=rt.phone_number_id, access_token=rt.access_token))
+
+
+def register(worker: OutboxWorker, deps: JobDeps) -> None:
+    """Attach the conversation handlers to the worker."""
+
+    async def _send(job: ClaimedJob) -> None:
+        await send_message(deps, job)
+
+    async def _download(job: ClaimedJob) -> None:
+        await download_media(deps, job)
+
+    async def _mark_read(job: ClaimedJob) -> None:
+        await mark_read(deps, job)
+
+    worker.register("send_message", _send, on_stale=send_outcome_unknown)
+    worker.register("download_media", _download)
+    worker.register("mark_read", _mark_read)
+
+
+async def send_outcome_unknown(conn: AsyncConnection, job: ClaimedJob, now: Any) -> None:
+    """A worker died after starting a send: mark the message for review instead of resending."""
+    await conn.execute(
+        update(M).where(M.c.id == job.payload["message_id"], M.c.status.in_(("queued", "sending")))
+        .values(status="review", review_reason="outcome_unknown")
+    )
+    await finish(conn, job.id, state="review", now=now, error="worker stopped during send")
+
+
+async def _channel_down(deps: JobDeps, rt: ChannelRuntime, err: ChannelDownError) -> None:
+    now = deps.clock.now()
+    async with deps.db.transaction() as session:
+        await channels.set_state(session=session, channel_id=rt.id, state="DOWN",
+                                 reason=f"{err.code}:{err.provider_code}", now=now)
+    deps.channels.invalidate(rt.id)
+    deps.bus.publish(LiveEvent(org_id=rt.org_id, type="channel"))
+    log.warning("channel down", extra={"channel_id": rt.id, "provider_code": err.provider_code})
+
+
+async def send_message(deps: JobDeps, job: ClaimedJob) -> None:
+    """Send one queued staff message through its channel."""
+    mid = job.payload["message_id"]
+    now = deps.clock.now()
+    async with deps.db.engine.begin() as conn:
+        row = (await conn.execute(select(M).where(M.c.id == mid))).first()
+        if row is None or row.status not in ("queued", "sending"):
+            await finish(conn, job.id, state="done", now=now, error="nothing to send")
+            return
+        rt = await deps.channels.get(deps.db.sessionmaker, row.channel_id)
+        if rt.state != "UP":
+            await finish(conn, job.id, state="queued", now=now, error="channel down", retry_in=DOWN_RECHECK_SECONDS,
+                         keep_attempt=False)
+            return
+        contact = (await conn.execute(select(C).where(C.c.id == row.contact_id))).one()
+        cipher = await deps.keys.cipher(conn, contact.dek_id)
+        att = (await conn.execute(select(A).where(A.c.message_id == mid))).first()
+    adapter = deps.adapter(rt)
+    pacer = deps.limits.for_channel(rt.id, rt.rate_limit_per_s)
+    text = cipher.open_text(row.body_enc, "messages", "body", mid)
+    details = json.loads(cipher.open_text(row.details_enc, "messages", "details", mid) or "{}")
+    media_id, filename = None, None
+    try:
+        if att is not None:
+            filename = cipher.open_text(att.filename_enc, "attachments", "filename", att.id)
+            media_id = att.media_id
+            if media_id is None:  # upload first: harmless to repeat, so it happens before started_at
+                data = deps.blobs.get(cipher=cipher, attachment_id=att.id, name=att.blob_name)
+                await pacer.acquire()
+                media_id = await adapter.upload_media(data=data, mime_type=att.mime_type, filename=filename or "file")
+                async with deps.db.engine.begin() as conn:
+                    await conn.execute(update(A).where(A.c.id == att.id).values(media_id=media_id))
+        tpl = details.get("template") or {}
+        out = OutboundMessage(
+            to_user_id=cipher.open_text(contact.bsuid_enc, "contacts", "bsuid", contact.id),
+            to_phone=_e164(cipher.open_text(contact.phone_enc, "contacts", "phone", contact.id)),
+            kind=row.type if row.type in ("text", "image", "document", "template") else "text",
+            text=None if row.type == "template" else text, media_id=media_id, filename=filename,
+            template_name=tpl.get("name"), template_language=tpl.get("language"),
+            template_params=tuple(tpl.get("params") or ()), reply_to_external_id=row.context_external_id,
+        )
+    except ChannelError as err:
+        await _send_failed(deps, job, row, rt, err)
+        return
+    async with deps.db.engine.begin() as conn:
+        await conn.execute(update(ingest.J).where(ingest.J.c.id == job.id).values(started_at=deps.clock.now()))
+        await conn.execute(update(M).where(M.c.id == mid).values(status="sending"))
+    await pacer.acquire()
+    try:
+        result = await adapter.send(out)
+    except ChannelError as err:
+        await _send_failed(deps, job, row, rt, err)
+        return
+    now = deps.clock.now()
+    async with deps.db.engine.begin() as conn:
+        await conn.execute(
+            update(M).where(M.c.id == mid, M.c.status == "sending")
+            .values(status="accepted", external_id=result.external_id, error_code=None, error_reason=None)
+        )
+        await ingest.apply_pending_statuses(
+            conn, channel_id=rt.id, message_id=mid, external_id=result.external_id,
+            state=status_policy.MessageState(status="accepted"),
+        )
+        await finish(conn, job.id, state="done", now=now)
+    deps.metrics.messages.labels("out", "accepted").inc()
+    deps.bus.publish(LiveEvent(org_id=rt.org_id, type="conversation", conversation_id=row.conversation_id))
+
+
+def _e164(phone: str | None) -> str | None:
+    return None if not phone else (phone if phone.startswith("+") else "+" + phone)
+
+
+async def _send_failed(deps: JobDeps, job: ClaimedJob, row: Any, rt: ChannelRuntime, err: ChannelError) -> None:
+    now = deps.clock.now()
+    values: dict[str, Any]
+    job_state, retry_in, keep = "failed", None, True
+    if isinstance(err, ChannelDownError):
+        await _channel_down(deps, rt, err)
+        values = {"status": "queued", "error_code": err.provider_code, "error_reason": "channel_down"}
+        job_state, retry_in, keep = "queued", DOWN_RECHECK_SECONDS, False
+    elif isinstance(err, RetryableError) and job.attempts < MAX_SEND_ATTEMPTS:
+        retry_after = err.retry_after
+        if isinstance(err, RateLimitedError) and err.provider_code == 131056:
+            retry_after = float(4 ** max(job.attempts - 1, 0))  # pair limit: 4^X seconds
+        values = {"status": "queued", "error_code": err.provider_code, "error_reason": err.code}
+        job_state, retry_in = "queued", backoff_seconds(job.attempts, retry_after)
+    elif isinstance(err, OutcomeUnknownError):
+        values = {"status": "review", "review_reason": "outcome_unknown"}
+        job_state = "review"
+    else:
+        reason = "needs_template" if isinstance(err, NeedsTemplateError) else (
+            err.code if isinstance(err, PermanentError) else "gave_up")
+        values = {"status": "failed", "failed_at": now, "error_code": err.provider_code, "error_reason": reason,
+                  "error_title": (err.detail or "")[:300] or None}
+    async with deps.db.engine.begin() as conn:
+        await conn.execute(update(M).where(M.c.id == row.id, M.c.status.in_(("queued", "sending"))).values(**values))
+        await finish(conn, job.id, state=job_state, now=now, error=err.code, retry_in=retry_in, keep_attempt=keep)
+    deps.metrics.messages.labels("out", values["status"]).inc()
+    deps.bus.publish(LiveEvent(org_id=rt.org_id, type="conversation", conversation_id=row.conversation_id))
+
+
+async def download_media(deps: JobDeps, job: ClaimedJob) -> None:
+    """Fetch an inbound attachment, check its hash, store it encrypted."""
+    aid = job.payload["attachment_id"]
+    now = deps.clock.now()
+    async with deps.db.engine.begin() as conn:
+        att = (await conn.execute(select(A).where(A.c.id == aid))).first()
+        if att is None or att.state == "stored":
+            await finish(conn, job.id, state="done", now=now)
+            return
+        msg = (await conn.execute(select(M.c.channel_id, M.c.conversation_id).where(M.c.id == att.message_id))).one()
+        contact = (await conn.execute(select(C.c.dek_id).where(C.c.id == att.contact_id))).one()
+        cipher = await deps.keys.cipher(conn, contact.dek_id)
+    rt = await deps.channels.get(deps.db.sessionmaker, msg.channel_id)
+    state: dict[str, Any]
+    try:
+        data, mime = await deps.adapter(rt).fetch_media(
+            MediaRef(media_id=att.media_id, mime_type=att.mime_type, sha256=att.expected_sha256),
+            max_bytes=deps.media_max_bytes,
+        )
+    except ChannelError as err:
+        if isinstance(err, ChannelDownError):
+            await _channel_down(deps, rt, err)
+        retry = not isinstance(err, PermanentError) and job.attempts < MAX_MEDIA_ATTEMPTS
+        state = {"state": "pending" if retry else "failed", "error_reason": err.code, "attempts": job.attempts}
+        async with deps.db.engine.begin() as conn:
+            await conn.execute(update(A).where(A.c.id == aid).values(**state))
+            await finish(conn, job.id, state="queued" if retry else "failed", now=deps.clock.now(), error=err.code,
+                         retry_in=backoff_seconds(job.attempts, getattr(err, "retry_after", None)) if retry else None)
+        deps.bus.publish(LiveEvent(org_id=rt.org_id, type="conversation", conversation_id=msg.conversation_id))
+        return
+    blob = deps.blobs.put(cipher=cipher, attachment_id=aid, data=data)
+    async with deps.db.engine.begin() as conn:
+        await conn.execute(update(A).where(A.c.id == aid).values(
+            state="stored", blob_name=blob, size=len(data), mime_type=mime or att.mime_type, error_reason=None,
+            attempts=job.attempts))
+        await finish(conn, job.id, state="done", now=deps.clock.now())
+    deps.bus.publish(LiveEvent(org_id=rt.org_id, type="conversation", conversation_id=msg.conversation_id))
+
+
+async def mark_read(deps: JobDeps, job: ClaimedJob) -> None:
+    """Tell the provider the patient's messages were read (only when the organisation enabled it)."""
+    rt = await deps.channels.get(deps.db.sessionmaker, job.channel_id or "")
+    await deps.limits.for_channel(rt.id, rt.rate_limit_per_s).acquire()
+    try:
+        await deps.adapter(rt).mark_read(job.payload["external_id"])
+        state, retry_in, error = "done", None, None
+    except ChannelError as err:
+        if isinstance(err, ChannelDownError):
+            await _channel_down(deps, rt, err)
+        retry = isinstance(err, RetryableError) and job.attempts < 5
+        state, retry_in, error = ("queued" if retry else "failed"), backoff_seconds(job.attempts), err.code
+    async with deps.db.engine.begin() as conn:
+        await finish(conn, job.id, state=state, now=deps.clock.now(), error=error, retry_in=retry_in)

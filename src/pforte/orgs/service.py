@@ -1,0 +1,69 @@
+"""Organisations: creation with their own KEK and keys, lookup, settings."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pforte.crypto.keys import KeyService
+from pforte.crypto.models import DataKey
+from pforte.errors import ConflictError, NotFoundError, ValidationError
+from pforte.orgs.models import Organisation
+
+DEFAULT_SETTINGS: dict[str, Any] = {
+    "send_read_receipts": False,  # privacy by default: patients see no read receipts unless enabled
+    "link_previews": False,
+}
+_SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+
+
+async def create(*, session: AsyncSession, keys: KeyService, name: str, slug: str, now: datetime) -> Organisation:
+    """Create an organisation with a new KEK, an org data key and a blind-index key."""
+    if not _SLUG.match(slug):
+        raise ValidationError("slug must be 2-63 lower-case letters, digits or dashes")
+    if not name.strip():
+        raise ValidationError("name must not be empty")
+    if await get_by_slug(session=session, slug=slug, missing_ok=True):
+        raise ConflictError("an organisation with this slug exists")
+    kek_id = keys.provider.create_kek()
+    org = Organisation(name=name.strip(), slug=slug, kek_id=kek_id, org_key_id="", index_key_id="",
+                       settings=dict(DEFAULT_SETTINGS), created_at=now)
+    session.add(org)
+    await session.flush()
+    org_key, _ = keys.new_data_key(org_id=org.id, kek_id=kek_id, purpose="org", now=now)
+    index_key, _ = keys.new_data_key(org_id=org.id, kek_id=kek_id, purpose="blind_index", now=now)
+    await session.execute(insert(DataKey), [org_key, index_key])
+    org.org_key_id = org_key["id"]
+    org.index_key_id = index_key["id"]
+    await session.flush()
+    return org
+
+
+async def get(*, session: AsyncSession, org_id: str) -> Organisation:
+    """One organisation by id."""
+    org = await session.get(Organisation, org_id)
+    if org is None:
+        raise NotFoundError("organisation not found")
+    return org
+
+
+async def get_by_slug(*, session: AsyncSession, slug: str, missing_ok: bool = False) -> Organisation | None:
+    """One organisation by slug."""
+    org = (await session.execute(select(Organisation).where(Organisation.slug == slug))).scalar_one_or_none()
+    if org is None and not missing_ok:
+        raise NotFoundError("organisation not found")
+    return org
+
+
+async def list_(*, session: AsyncSession) -> list[Organisation]:
+    """All organisations."""
+    return list((await session.execute(select(Organisation).order_by(Organisation.slug))).scalars())
+
+
+def setting(org: Organisation, name: str) -> Any:
+    """An organisation setting with its default."""
+    return (org.settings or {}).get(name, DEFAULT_SETTINGS.get(name))

@@ -1,0 +1,42 @@
+"""Password hashing (argon2id, off the event loop) and session tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from starlette.concurrency import run_in_threadpool
+
+_hasher = PasswordHasher()  # argon2id with the library's defaults
+# A hash of a random password, verified when the e-mail is unknown so timing does not tell.
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+async def hash_password(password: str) -> str:
+    """argon2id hash, computed in a worker thread."""
+    return await run_in_threadpool(_hasher.hash, password)
+
+
+async def verify_password(password_hash: str | None, password: str) -> bool:
+    """True if the password matches; constant work whether or not the user exists."""
+
+    def _check() -> bool:
+        try:
+            return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False
+
+    return await run_in_threadpool(_check)
+
+
+def new_token() -> tuple[str, str]:
+    """A session token for the cookie and its SHA-256 for the database."""
+    token = secrets.token_urlsafe(32)
+    return token, token_digest(token)
+
+
+def token_digest(token: str) -> str:
+    """SHA-256 hex of a session token."""
+    return hashlib.sha256(token.encode()).hexdigest()

@@ -1,0 +1,97 @@
+"""Staff accounts and sessions: create, authenticate, resolve a session, log out."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pforte.errors import AuthenticationError, ConflictError, ValidationError
+from pforte.staff.models import ROLES, StaffSession, StaffUser
+from pforte.staff.security import hash_password, new_token, token_digest, verify_password
+
+MIN_PASSWORD = 10
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentUser:
+    """The logged-in staff member as routes see it."""
+
+    id: str
+    org_id: str
+    email: str
+    display_name: str
+    role: str
+    locale: str | None
+    csrf_token: str
+    session_id: str
+
+
+async def create(
+    *, session: AsyncSession, org_id: str, email: str, display_name: str, password: str, role: str, now: datetime
+) -> StaffUser:
+    """Create a staff account with an argon2id password hash."""
+    email = email.strip().lower()
+    if role not in ROLES:
+        raise ValidationError(f"role must be one of {', '.join(ROLES)}")
+    if "@" not in email:
+        raise ValidationError("e-mail address is invalid")
+    if len(password) < MIN_PASSWORD:
+        raise ValidationError(f"password must have at least {MIN_PASSWORD} characters")
+    if await get_by_email(session=session, email=email):
+        raise ConflictError("a user with this e-mail exists")
+    user = StaffUser(org_id=org_id, email=email, display_name=display_name.strip() or email,
+                     password_hash=await hash_password(password), role=role, active=True, created_at=now)
+    session.add(user)
+    await session.flush()
+    return user
+
+
+async def get_by_email(*, session: AsyncSession, email: str) -> StaffUser | None:
+    """A staff account by e-mail (case-insensitive)."""
+    q = select(StaffUser).where(StaffUser.email == email.strip().lower())
+    return (await session.execute(q)).scalar_one_or_none()
+
+
+async def login(
+    *, session: AsyncSession, email: str, password: str, now: datetime, idle: timedelta, absolute: timedelta
+) -> tuple[str, StaffUser]:
+    """Check credentials and open a session; return the cookie token and the user."""
+    user = await get_by_email(session=session, email=email)
+    ok = await verify_password(user.password_hash if user else None, password)
+    if not ok or user is None or not user.active:
+        raise AuthenticationError("e-mail or password is wrong", code="login_failed")
+    token, digest = new_token()
+    session.add(StaffSession(id=digest, user_id=user.id, org_id=user.org_id, csrf_token=secrets.token_urlsafe(24),
+                             created_at=now, last_seen_at=now, expires_at=now + absolute))
+    await session.flush()
+    return token, user
+
+
+async def resolve(*, session: AsyncSession, token: str, now: datetime, idle: timedelta) -> CurrentUser:
+    """The user behind a session cookie; expired or idle sessions end here."""
+    digest = token_digest(token)
+    row = (
+        await session.execute(
+            select(StaffSession, StaffUser).join(StaffUser, StaffUser.id == StaffSession.user_id)
+            .where(StaffSession.id == digest)
+        )
+    ).first()
+    if row is None:
+        raise AuthenticationError("not logged in")
+    sess, user = row
+    if sess.expires_at <= now or sess.last_seen_at + idle <= now or not user.active:
+        await session.execute(delete(StaffSession).where(StaffSession.id == digest))
+        raise AuthenticationError("session expired", code="session_expired")
+    if (now - sess.last_seen_at).total_seconds() > 30:  # write at most twice a minute per session
+        sess.last_seen_at = now
+    return CurrentUser(id=user.id, org_id=user.org_id, email=user.email, display_name=user.display_name,
+                       role=user.role, locale=user.locale, csrf_token=sess.csrf_token, session_id=digest)
+
+
+async def logout(*, session: AsyncSession, session_id: str) -> None:
+    """End a session."""
+    await session.execute(delete(StaffSession).where(StaffSession.id == session_id))

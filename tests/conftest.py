@@ -1,0 +1,197 @@
+"""Shared fixtures: a database on SQLite and PostgreSQL, pforte and the simulator wired in-process.
+
+Every test that touches the database runs twice (``db_kind`` = sqlite, postgresql). PostgreSQL must
+be reachable (127.0.0.1:5432 or ``PFORTE_TEST_PG``); if it is not, these tests fail loudly rather
+than skip, in CI and locally alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from pforte import migrate
+from pforte.app import create_app
+from pforte.bootstrap import Services, build_services
+from pforte.channels import service as channels
+from pforte.channels.simulator import SimulatorConfig, create_simulator_app
+from pforte.clock import SystemClock
+from pforte.config import Settings
+from pforte.conversations.models import MessageTemplate
+from pforte.models import Base
+from pforte.orgs import service as orgs
+from pforte.staff import service as staff
+
+PG_ADMIN = os.environ.get("PFORTE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+PASSWORD = "correct horse battery"
+APP_SECRET = "sim-app-secret-123"
+ACCESS_TOKEN = "sim-access-token-abc"
+PNID = "106540352242922"
+
+
+def _pg_exec(sql: str, dbname: str = "test") -> None:
+    url = PG_ADMIN.rsplit("/", 1)[0] + "/" + dbname
+
+    async def _run() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(_run())
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A throwaway PostgreSQL database for this test run, migrated to head."""
+    name = f"pforte_test_{uuid.uuid4().hex[:10]}"
+    try:
+        _pg_exec(f'CREATE DATABASE "{name}"')
+    except Exception as exc:  # fail loudly: PostgreSQL is a required part of the test suite
+        pytest.fail(f"PostgreSQL is unreachable at {PG_ADMIN} ({type(exc).__name__}); tests need it", pytrace=False)
+    url = "postgresql+asyncpg://" + PG_ADMIN.split("://", 1)[1].rsplit("/", 1)[0] + "/" + name
+    migrate.upgrade(url)
+    yield url
+    _pg_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated once; each test gets a copy."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "template.sqlite3"
+    migrate.upgrade(f"sqlite+aiosqlite:///{path}")
+    return path
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_kind(request: pytest.FixtureRequest) -> str:
+    """Which database this test runs on."""
+    return str(request.param)
+
+
+@pytest.fixture
+def db_url(db_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A clean migrated database of the requested kind."""
+    if db_kind == "sqlite":
+        target = tmp_path / "pforte.sqlite3"
+        shutil.copy(request.getfixturevalue("sqlite_template"), target)
+        yield f"sqlite+aiosqlite:///{target}"
+        return
+    url = request.getfixturevalue("pg_url")
+    yield url
+    tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+    _pg_exec(f"TRUNCATE {tables} CASCADE", dbname=url.rsplit("/", 1)[1])
+
+
+@pytest.fixture
+def settings(db_url: str, tmp_path: Path) -> Settings:
+    """Settings for a test instance with its own data directory."""
+    return Settings(data_dir=tmp_path / "data", database_url=db_url, base_url="https://testserver",
+                    outbox_poll_seconds=0.05, group_commit_window_ms=1.0, run_workers=True,
+                    dek_cache_seconds=300.0)
+
+
+class LazyASGI:
+    """An ASGI app whose target is set later (pforte and the simulator point at each other)."""
+
+    def __init__(self) -> None:
+        self.app: Any = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Forward to the target app."""
+        await self.app(scope, receive, send)
+
+
+@dataclass
+class World:
+    """A running pforte with an organisation, users, a channel wired to the simulator, a patient."""
+
+    services: Services
+    app: Any
+    client: httpx.AsyncClient
+    sim_app: Any
+    sim: Any
+    org_id: str
+    channel_id: str
+    admin_email: str
+    staff_email: str
+    staff_id: str
+    template_id: str
+    patient: Any
+
+    async def login(self, email: str | None = None, password: str = PASSWORD) -> httpx.Response:
+        """Log the test client in (default: the staff user)."""
+        page = await self.client.get("/login")
+        assert page.status_code == 200
+        return await self.client.post("/login", data={"email": email or self.staff_email, "password": password})
+
+    async def settle(self, rounds: int = 5) -> None:
+        """Let webhooks and outbox jobs run until both are quiet."""
+        for _ in range(rounds):
+            await self.sim.drain(timeout=5.0)
+            await self.services.outbox.drain()
+            await asyncio.sleep(0)
+        await self.sim.drain(timeout=5.0)
+
+
+@pytest.fixture
+async def world(settings: Settings) -> AsyncIterator[World]:
+    """pforte and the simulator talking to each other in-process over real HTTP semantics."""
+    pforte_proxy = LazyASGI()
+    sim_app = create_simulator_app(
+        SimulatorConfig(public_base_url="https://graph.test", deliver_delay_s=0.0),
+        webhook_transport=httpx.ASGITransport(app=pforte_proxy),
+    )
+    sim = sim_app.state.sim
+    settings = settings.model_copy(update={"run_workers": False})
+    services = build_services(settings, clock=SystemClock(), graph_transport=httpx.ASGITransport(app=sim_app))
+    app = create_app(services, manage_lifespan=False)
+    pforte_proxy.app = app
+    await services.start()
+    await sim.start()
+    now = services.clock.now()
+    async with services.db.transaction() as session:
+        org = await orgs.create(session=session, keys=services.keys, name="Klinikum Test", slug="klinikum", now=now)
+        await staff.create(session=session, org_id=org.id, email="admin@klinikum.test", display_name="Admin",
+                           password=PASSWORD, role="admin", now=now)
+        user = await staff.create(session=session, org_id=org.id, email="dr.weiss@klinikum.test",
+                                  display_name="Dr. Weiss", password=PASSWORD, role="staff", now=now)
+        ch = await channels.add_whatsapp(
+            session=session, keys=services.keys, org=org, name="Station 3", phone_number_id=PNID,
+            display_phone_number="+49 30 1234567", access_token=ACCESS_TOKEN, app_secret=APP_SECRET,
+            verify_token="verify-me", graph_base_url="https://graph.test", now=now,
+        )
+        tpl = MessageTemplate(org_id=org.id, name="termin_erinnerung", language="de",
+                              body="Guten Tag {{1}}, bitte melden Sie sich bei uns.", param_count=1, created_at=now)
+        session.add(tpl)
+        await session.flush()
+        ids = (org.id, ch.id, user.id, tpl.id)
+    sim.add_number(phone_number_id=PNID, display_phone_number="+49 30 1234567", access_token=ACCESS_TOKEN,
+                   app_secret=APP_SECRET, webhook_url=f"https://testserver/webhooks/whatsapp/{ids[1]}",
+                   verify_token="verify-me")
+    sim.add_template(PNID, "termin_erinnerung", "de", body="Guten Tag {{1}}, bitte melden Sie sich bei uns.",
+                     param_count=1)
+    patient = sim.add_user(name="Erika Mustermann", wa_id="4915112345678")
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://testserver",
+                               headers={"accept-language": "de-DE,de;q=0.9"})
+    w = World(services=services, app=app, client=client, sim_app=sim_app, sim=sim, org_id=ids[0],
+              channel_id=ids[1], admin_email="admin@klinikum.test", staff_email="dr.weiss@klinikum.test",
+              staff_id=ids[2], template_id=ids[3], patient=patient)
+    try:
+        yield w
+    finally:
+        await client.aclose()
+        await sim.stop()
+        await services.stop()
