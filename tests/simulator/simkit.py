@@ -6,7 +6,6 @@ import hashlib
 import hmac
 import json
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,16 +85,21 @@ class Env:
     clock: FakeClock
     patient: SimUser
 
-    async def send(self, body: dict[str, Any], *, token: str | None = TOKEN, pnid: str = PNID,
-                   version: str = "v23.0") -> httpx.Response:
+    async def send(
+        self, body: dict[str, Any], *, token: str | None = TOKEN, pnid: str = PNID, version: str = "v23.0"
+    ) -> httpx.Response:
         """POST a Graph send request."""
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return await self.client.post(f"/{version}/{pnid}/messages", json=body, headers=headers)
 
     async def send_text(self, text: str = "Guten Tag", to: str | None = None) -> httpx.Response:
         """A plain text send to the default patient."""
-        body = {"messaging_product": "whatsapp", "to": to or f"+{self.patient.wa_id}", "type": "text",
-                "text": {"body": text}}
+        body = {
+            "messaging_product": "whatsapp",
+            "to": to or f"+{self.patient.wa_id}",
+            "type": "text",
+            "text": {"body": text},
+        }
         return await self.send(body)
 
 

@@ -50,8 +50,13 @@ async def test_missing_or_wrong_bearer_is_190_401(env: Env) -> None:
 
 
 async def test_valid_token_wrong_phone_number_id_is_100(env: Env) -> None:
-    env.sim.add_number(phone_number_id="999", display_phone_number="+1 555 0100", access_token="other",
-                       app_secret="s", webhook_url=None)
+    env.sim.add_number(
+        phone_number_id="999",
+        display_phone_number="+1 555 0100",
+        access_token="other",
+        app_secret="s",
+        webhook_url=None,
+    )
     error = assert_error(await env.send({"messaging_product": "whatsapp"}, pnid="999"), 100)
     assert "999" in error["error_data"]["details"]
 
@@ -65,16 +70,22 @@ async def test_unknown_version_rejected_known_accepted(env: Env) -> None:
 
 async def test_missing_messaging_product_and_recipient(env: Env) -> None:
     assert_error(await env.send({"to": "+4915112345678", "type": "text", "text": {"body": "a"}}), 100)
-    assert_error(await env.send({"messaging_product": "whatsapp", "type": "text", "text": {"body": "a"}}), 131008)
+    assert_error(
+        await env.send({"messaging_product": "whatsapp", "type": "text", "text": {"body": "a"}}), 131008
+    )
 
 
 async def test_template_unknown_and_param_mismatch(env: Env) -> None:
     def template(name: str, lang: str, params: list[str]) -> dict[str, Any]:
         return {
-            "messaging_product": "whatsapp", "to": "+4915112345678", "type": "template",
-            "template": {"name": name, "language": {"code": lang},
-                         "components": [{"type": "body",
-                                         "parameters": [{"type": "text", "text": p} for p in params]}]},
+            "messaging_product": "whatsapp",
+            "to": "+4915112345678",
+            "type": "template",
+            "template": {
+                "name": name,
+                "language": {"code": lang},
+                "components": [{"type": "body", "parameters": [{"type": "text", "text": p} for p in params]}],
+            },
         }
 
     assert_error(await env.send(template("gibt_es_nicht", "de", ["a", "b"])), 132001)
@@ -88,19 +99,36 @@ async def test_template_unknown_and_param_mismatch(env: Env) -> None:
 
 def interactive_buttons(titles: list[str]) -> dict[str, Any]:
     return {
-        "messaging_product": "whatsapp", "to": "+4915112345678", "type": "interactive",
-        "interactive": {"type": "button", "body": {"text": "Termin bestätigen?"},
-                        "action": {"buttons": [{"type": "reply", "reply": {"id": f"b{i}", "title": t}}
-                                               for i, t in enumerate(titles)]}},
+        "messaging_product": "whatsapp",
+        "to": "+4915112345678",
+        "type": "interactive",
+        "interactive": {
+            "type": "button",
+            "body": {"text": "Termin bestätigen?"},
+            "action": {
+                "buttons": [
+                    {"type": "reply", "reply": {"id": f"b{i}", "title": t}} for i, t in enumerate(titles)
+                ]
+            },
+        },
     }
 
 
 def interactive_list(rows: list[str]) -> dict[str, Any]:
     return {
-        "messaging_product": "whatsapp", "to": "+4915112345678", "type": "interactive",
-        "interactive": {"type": "list", "body": {"text": "Bitte wählen"},
-                        "action": {"button": "Auswahl", "sections": [
-                            {"title": "A", "rows": [{"id": f"r{i}", "title": t} for i, t in enumerate(rows)]}]}},
+        "messaging_product": "whatsapp",
+        "to": "+4915112345678",
+        "type": "interactive",
+        "interactive": {
+            "type": "list",
+            "body": {"text": "Bitte wählen"},
+            "action": {
+                "button": "Auswahl",
+                "sections": [
+                    {"title": "A", "rows": [{"id": f"r{i}", "title": t} for i, t in enumerate(rows)]}
+                ],
+            },
+        },
     }
 
 
@@ -134,8 +162,9 @@ async def test_throughput_limit_130429_sliding_second() -> None:
         assert_error(await env.send_text(), 130429)
         # Mark-as-read counts toward the same budget.
         inbound = env.sim.conversation(PNID, env.patient)[0].wamid
-        assert_error(await env.send({"messaging_product": "whatsapp", "status": "read",
-                                     "message_id": inbound}), 130429)
+        assert_error(
+            await env.send({"messaging_product": "whatsapp", "status": "read", "message_id": inbound}), 130429
+        )
         env.clock.advance(0.5)
         assert_error(await env.send_text(), 130429)
         env.clock.advance(0.6)
@@ -204,8 +233,12 @@ async def test_to_without_plus_is_flagged(env: Env) -> None:
 
 async def test_reaction_only_sent_status(env: Env) -> None:
     inbound = env.sim.conversation(PNID, env.patient)[0].wamid
-    body = {"messaging_product": "whatsapp", "to": f"+{env.patient.wa_id}", "type": "reaction",
-            "reaction": {"message_id": inbound, "emoji": "👍"}}
+    body = {
+        "messaging_product": "whatsapp",
+        "to": f"+{env.patient.wa_id}",
+        "type": "reaction",
+        "reaction": {"message_id": inbound, "emoji": "👍"},
+    }
     response = await env.send(body)
     assert response.status_code == 200
     await env.sim.drain()
@@ -219,7 +252,9 @@ async def test_media_send_by_link_and_bad_id(env: Env) -> None:
     assert ok.status_code == 200
     assert_error(await env.send(base | {"image": {"id": "123456"}}), 131009)
     assert_error(await env.send(base | {"image": {}}), 100)
-    assert_error(await env.send(base | {"image": {"link": "https://e.org/x.png", "caption": "c" * 1025}}), 100)
+    assert_error(
+        await env.send(base | {"image": {"link": "https://e.org/x.png", "caption": "c" * 1025}}), 100
+    )
 
 
 async def test_phone_number_object_get(env: Env) -> None:

@@ -8,9 +8,10 @@ import json
 
 import httpx
 import pytest
+from fastapi import FastAPI, Request, Response
 from simkit import PNID, SECRET, WEBHOOK, Env, make_env
 
-from pforte.channels.simulator import SimulatorConfig
+from pforte.channels.simulator import SimulatorConfig, create_simulator_app
 from pforte.clock import SystemClock
 
 pytestmark = pytest.mark.asyncio
@@ -72,7 +73,9 @@ async def test_non_200_redelivered_identically_with_backoff(env: Env) -> None:
     assert delivery.status_codes == [500, 204, None, 200]
     assert delivery.attempts[2].error == "ReadTimeout"
     assert delivery.state == "delivered"
-    gaps = [(b.at - a.at).total_seconds() for a, b in zip(delivery.attempts, delivery.attempts[1:], strict=False)]
+    gaps = [
+        (b.at - a.at).total_seconds() for a, b in zip(delivery.attempts, delivery.attempts[1:], strict=False)
+    ]
     assert gaps == [0.5, 1.0, 2.0]
 
 
@@ -127,8 +130,12 @@ async def test_statuses_sent_delivered_read(env: Env) -> None:
     for item in (sent, delivered):
         assert item["recipient_id"] == env.patient.wa_id
         assert item["recipient_user_id"] == env.patient.user_id
-        assert item["pricing"] == {"billable": False, "pricing_model": "PMP",
-                                   "type": "free_customer_service", "category": "service"}
+        assert item["pricing"] == {
+            "billable": False,
+            "pricing_model": "PMP",
+            "type": "free_customer_service",
+            "category": "service",
+        }
         assert "conversation" not in item
         assert item["timestamp"].isdigit()
     assert await env.sim.patient_read(user=env.patient, phone_number_id=PNID) == [wamid]
@@ -145,7 +152,9 @@ async def test_read_without_delivered_when_auto_deliver_off() -> None:
     try:
         first = (await env.send_text("eins")).json()["messages"][0]["id"]
         second = (await env.send_text("zwei")).json()["messages"][0]["id"]
-        assert await env.sim.patient_delivered(user=env.patient, phone_number_id=PNID, upto_wamid=first) == [first]
+        assert await env.sim.patient_delivered(user=env.patient, phone_number_id=PNID, upto_wamid=first) == [
+            first
+        ]
         assert await env.sim.patient_read(user=env.patient, phone_number_id=PNID) == [first, second]
         await env.sim.drain()
         assert [s["status"] for s in env.receiver.statuses(first)] == ["sent", "delivered", "read"]
@@ -161,10 +170,21 @@ async def test_window_closed_free_form_fails_async_131047_template_ok_inbound_re
     response = await env.send_text("Noch Fragen?")
     assert response.status_code == 200
     wamid = response.json()["messages"][0]["id"]
-    template = {"messaging_product": "whatsapp", "to": f"+{env.patient.wa_id}", "type": "template",
-                "template": {"name": "termin_erinnerung", "language": {"code": "de"},
-                             "components": [{"type": "body", "parameters": [
-                                 {"type": "text", "text": "Frau M."}, {"type": "text", "text": "Mo"}]}]}}
+    template = {
+        "messaging_product": "whatsapp",
+        "to": f"+{env.patient.wa_id}",
+        "type": "template",
+        "template": {
+            "name": "termin_erinnerung",
+            "language": {"code": "de"},
+            "components": [
+                {
+                    "type": "body",
+                    "parameters": [{"type": "text", "text": "Frau M."}, {"type": "text", "text": "Mo"}],
+                }
+            ],
+        },
+    }
     template_response = await env.send(template)
     assert template_response.status_code == 200
     await env.sim.drain()
@@ -202,12 +222,18 @@ async def test_bsuid_only_user_has_no_wa_id_or_from(env: Env) -> None:
     message = value["messages"][0]
     assert "from" not in message
     assert message["from_user_id"] == user.user_id
-    body = {"messaging_product": "whatsapp", "recipient": user.user_id, "type": "text", "text": {"body": "Hallo"}}
+    body = {
+        "messaging_product": "whatsapp",
+        "recipient": user.user_id,
+        "type": "text",
+        "text": {"body": "Hallo"},
+    }
     response = await env.send(body)
     assert response.status_code == 200
     assert response.json()["contacts"] == [{"input": user.user_id, "user_id": user.user_id}]
     await env.sim.drain()
     sent, delivered = env.receiver.statuses(response.json()["messages"][0]["id"])
+    assert delivered["status"] == "delivered"
     assert "recipient_id" not in sent
     assert sent["recipient_user_id"] == user.user_id
     status_value = env.receiver.values()[-1]
@@ -235,13 +261,21 @@ async def test_batching_several_updates_in_one_post() -> None:
 
 async def test_inbound_media_interactive_raw_and_reaction(env: Env) -> None:
     jpeg = b"\xff\xd8\xff\xe0" + b"0" * 100
-    await env.sim.patient_send_media(user=env.patient, phone_number_id=PNID, kind="image", data=jpeg,
-                                     mime_type="image/jpeg", caption="Wunde")
+    await env.sim.patient_send_media(
+        user=env.patient,
+        phone_number_id=PNID,
+        kind="image",
+        data=jpeg,
+        mime_type="image/jpeg",
+        caption="Wunde",
+    )
     business = (await env.send(interactive_body(env))).json()["messages"][0]["id"]
-    await env.sim.patient_send_interactive_reply(user=env.patient, phone_number_id=PNID, context_id=business,
-                                                 reply_id="yes", title="Ja")
-    await env.sim.patient_send_raw_message(user=env.patient, phone_number_id=PNID,
-                                           message={"type": "future_thing", "future_thing": {"x": 1}})
+    await env.sim.patient_send_interactive_reply(
+        user=env.patient, phone_number_id=PNID, context_id=business, reply_id="yes", title="Ja"
+    )
+    await env.sim.patient_send_raw_message(
+        user=env.patient, phone_number_id=PNID, message={"type": "future_thing", "future_thing": {"x": 1}}
+    )
     await env.sim.patient_react(user=env.patient, phone_number_id=PNID, message_id=business, emoji=None)
     await env.sim.drain()
     image, reply, raw, reaction = env.receiver.messages()
@@ -255,9 +289,16 @@ async def test_inbound_media_interactive_raw_and_reaction(env: Env) -> None:
 
 
 def interactive_body(env: Env) -> dict[str, object]:
-    return {"messaging_product": "whatsapp", "to": f"+{env.patient.wa_id}", "type": "interactive",
-            "interactive": {"type": "button", "body": {"text": "Kommen Sie?"},
-                            "action": {"buttons": [{"type": "reply", "reply": {"id": "yes", "title": "Ja"}}]}}}
+    return {
+        "messaging_product": "whatsapp",
+        "to": f"+{env.patient.wa_id}",
+        "type": "interactive",
+        "interactive": {
+            "type": "button",
+            "body": {"text": "Kommen Sie?"},
+            "action": {"buttons": [{"type": "reply", "reply": {"id": "yes", "title": "Ja"}}]},
+        },
+    }
 
 
 async def test_verify_handshake(env: Env) -> None:
@@ -273,8 +314,6 @@ async def test_verify_handshake(env: Env) -> None:
 
 async def test_receiver_in_another_asgi_app() -> None:
     """webhook_transport can point at any ASGI app, as pforte's integration tests do."""
-    from fastapi import FastAPI, Request, Response
-
     seen: list[bytes] = []
     receiver_app = FastAPI()
 
@@ -283,12 +322,15 @@ async def test_receiver_in_another_asgi_app() -> None:
         seen.append(await request.body())
         return Response(status_code=200)
 
-    from pforte.channels.simulator import create_simulator_app
-
     app = create_simulator_app(SimulatorConfig(), webhook_transport=httpx.ASGITransport(app=receiver_app))
     sim = app.state.sim
-    sim.add_number(phone_number_id="1", display_phone_number="+49 1", access_token="t", app_secret="s",
-                   webhook_url="http://pforte/webhooks/whatsapp")
+    sim.add_number(
+        phone_number_id="1",
+        display_phone_number="+49 1",
+        access_token="t",
+        app_secret="s",
+        webhook_url="http://pforte/webhooks/whatsapp",
+    )
     user = sim.add_user(name="P", wa_id="+49 151 000")
     await sim.start()
     try:

@@ -224,6 +224,7 @@ class SimMessage:
     delivered_emitted: bool = False
     read_by_business: bool = False
     warnings: list[str] = field(default_factory=list)
+    seq: int = 0
 
     def public(self) -> dict[str, Any]:
         """A JSON view (used by the control API and the phone page)."""
@@ -752,7 +753,7 @@ class Simulator:
                 message.direction == "in"
                 and message.phone_number_id == number.phone_number_id
                 and message.user_id == target.user_id
-                and message.created_mono <= target.created_mono
+                and message.seq <= target.seq
             ):
                 message.read_by_business = True
         return {"success": True}
@@ -760,6 +761,7 @@ class Simulator:
     # -- status webhooks -----------------------------------------------------------------------------
 
     def _store(self, message: SimMessage) -> None:
+        message.seq = len(self.messages)
         self.messages.append(message)
         self._by_wamid[message.wamid] = message
 
@@ -819,17 +821,17 @@ class Simulator:
     def _advance_all(
         self, user: SimUser, phone_number_id: str, upto_wamid: str | None, status: str
     ) -> list[str]:
-        limit: float | None = None
+        limit: int | None = None
         if upto_wamid is not None:
             anchor = self._by_wamid.get(upto_wamid)
             if anchor is None:
                 raise KeyError(upto_wamid)
-            limit = anchor.created_mono
+            limit = anchor.seq
         changed = []
         for message in self.business_messages(phone_number_id, user):
             if message.type == "reaction" or message.status not in _STATUS_RANK:
                 continue
-            if limit is not None and message.created_mono > limit:
+            if limit is not None and message.seq > limit:
                 continue
             if _STATUS_RANK[message.status] < _STATUS_RANK[status] and message.status != "accepted":
                 self._emit_status(message, status)

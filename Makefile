@@ -1,0 +1,51 @@
+# pforte — `make run` starts the demo, `make test` runs every test. Everything else is set up on the way.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+VENDOR := src/pforte/web/ui/static/vendor
+HOST ?= 127.0.0.1
+PORT ?= 8080
+DATA_DIR ?= ./pforte-data
+
+.PHONY: run test lint unit integration browser frontend chromium clean i18n bench crash-test
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pforte needs Python >= 3.11")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+$(VENDOR)/htmx.min.js: package.json
+	npm install --no-audit --no-fund --silent
+	mkdir -p $(VENDOR)
+	cp node_modules/htmx.org/dist/htmx.min.js $(VENDOR)/htmx.min.js
+
+frontend: $(VENDOR)/htmx.min.js
+
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian chromium for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+
+run: $(STAMP) frontend
+	$(BIN)/pforte demo --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src/pforte/channels src/pforte/crypto
+
+test: $(STAMP) frontend chromium lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit tests/simulator
+
+i18n: $(STAMP)
+	$(BIN)/pybabel extract -F babel.cfg -o /tmp/pforte-messages.pot src/pforte
+	$(BIN)/pybabel update -i /tmp/pforte-messages.pot -d src/pforte/locale -D messages
+
+clean:
+	rm -rf $(VENV) node_modules $(VENDOR) .pytest_cache .ruff_cache
