@@ -430,6 +430,29 @@ async def apply_pending_statuses(
     return total
 
 
+async def reconcile_pending_statuses(conn: AsyncConnection, *, limit: int = 500) -> int:
+    """Apply parked statuses whose send has since been recorded.
+
+    Closes the race where a status webhook is parked in the same instant as the send result commits
+    (each transaction cannot see the other's rows). Runs periodically from the outbox worker.
+    """
+    rows = (
+        await conn.execute(
+            select(PS.c.channel_id, PS.c.external_id, M.c.id, M.c.status, M.c.sent_at, M.c.delivered_at,
+                   M.c.read_at, M.c.failed_at)
+            .join(M, and_(M.c.channel_id == PS.c.channel_id, M.c.external_id == PS.c.external_id))
+            .distinct().limit(limit)
+        )
+    ).all()
+    for r in rows:
+        await apply_pending_statuses(
+            conn, channel_id=r.channel_id, message_id=r.id, external_id=r.external_id,
+            state=status_policy.MessageState(status=r.status, sent_at=r.sent_at, delivered_at=r.delivered_at,
+                                             read_at=r.read_at, failed_at=r.failed_at),
+        )
+    return len(rows)
+
+
 class IngestWriter:
     """Group commit: one writer task, one transaction per few-millisecond window."""
 

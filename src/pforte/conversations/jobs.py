@@ -43,6 +43,7 @@ from pforte.crypto.keys import KeyService
 from pforte.db import Database
 from pforte.events import EventBus, LiveEvent
 from pforte.metrics import Metrics
+from pforte.outbox.models import Job
 from pforte.outbox.ratelimit import RateLimits
 from pforte.outbox.worker import ClaimedJob, OutboxWorker, backoff_seconds, finish
 
@@ -50,6 +51,7 @@ log = logging.getLogger("pforte.jobs")
 M = Message.__table__
 A = Attachment.__table__
 C = Contact.__table__
+J = Job.__table__
 
 MAX_SEND_ATTEMPTS = 12
 MAX_MEDIA_ATTEMPTS = 8
@@ -92,6 +94,7 @@ def register(worker: OutboxWorker, deps: JobDeps) -> None:
     worker.register("send_message", _send, on_stale=send_outcome_unknown)
     worker.register("download_media", _download)
     worker.register("mark_read", _mark_read)
+    worker.every(2.0, ingest.reconcile_pending_statuses)
 
 
 async def send_outcome_unknown(conn: AsyncConnection, job: ClaimedJob, now: Any) -> None:
@@ -117,12 +120,13 @@ async def send_message(deps: JobDeps, job: ClaimedJob) -> None:
     """Send one queued staff message through its channel."""
     mid = job.payload["message_id"]
     now = deps.clock.now()
+    # Never hold a connection while another is opened (the channel cache may query): look up first.
+    rt = await deps.channels.get(deps.db.sessionmaker, job.channel_id or "")
     async with deps.db.engine.begin() as conn:
         row = (await conn.execute(select(M).where(M.c.id == mid))).first()
         if row is None or row.status not in ("queued", "sending"):
             await finish(conn, job.id, state="done", now=now, error="nothing to send")
             return
-        rt = await deps.channels.get(deps.db.sessionmaker, row.channel_id)
         if rt.state != "UP":
             await finish(conn, job.id, state="queued", now=now, error="channel down", retry_in=DOWN_RECHECK_SECONDS,
                          keep_attempt=False)
@@ -158,7 +162,7 @@ async def send_message(deps: JobDeps, job: ClaimedJob) -> None:
         await _send_failed(deps, job, row, rt, err)
         return
     async with deps.db.engine.begin() as conn:
-        await conn.execute(update(ingest.J).where(ingest.J.c.id == job.id).values(started_at=deps.clock.now()))
+        await conn.execute(update(J).where(J.c.id == job.id).values(started_at=deps.clock.now()))
         await conn.execute(update(M).where(M.c.id == mid).values(status="sending"))
     await pacer.acquire()
     try:
@@ -218,6 +222,7 @@ async def download_media(deps: JobDeps, job: ClaimedJob) -> None:
     """Fetch an inbound attachment, check its hash, store it encrypted."""
     aid = job.payload["attachment_id"]
     now = deps.clock.now()
+    rt = await deps.channels.get(deps.db.sessionmaker, job.channel_id or "")
     async with deps.db.engine.begin() as conn:
         att = (await conn.execute(select(A).where(A.c.id == aid))).first()
         if att is None or att.state == "stored":
@@ -226,7 +231,6 @@ async def download_media(deps: JobDeps, job: ClaimedJob) -> None:
         msg = (await conn.execute(select(M.c.channel_id, M.c.conversation_id).where(M.c.id == att.message_id))).one()
         contact = (await conn.execute(select(C.c.dek_id).where(C.c.id == att.contact_id))).one()
         cipher = await deps.keys.cipher(conn, contact.dek_id)
-    rt = await deps.channels.get(deps.db.sessionmaker, msg.channel_id)
     state: dict[str, Any]
     try:
         data, mime = await deps.adapter(rt).fetch_media(

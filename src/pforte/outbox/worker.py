@@ -95,12 +95,26 @@ class OutboxWorker:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._periodic: list[list[Any]] = []  # [interval seconds, callable, last run (monotonic)]
 
     def register(self, kind: str, handler: Handler, on_stale: StaleHandler | None = None) -> None:
         """Attach the handler of a job kind (and what to do if a worker died while running it)."""
         self.handlers[kind] = handler
         if on_stale:
             self.stale_handlers[kind] = on_stale
+
+    def every(self, seconds: float, fn: Callable[[AsyncConnection], Awaitable[Any]]) -> None:
+        """Run ``fn(conn)`` in its own transaction at most every ``seconds`` from the worker loop."""
+        self._periodic.append([seconds, fn, float("-inf")])
+
+    async def run_periodic(self, *, force: bool = False) -> None:
+        """Run the periodic tasks that are due."""
+        for task in self._periodic:
+            interval, fn, last = task
+            if force or self.clock.monotonic() - last >= interval:
+                task[2] = self.clock.monotonic()
+                async with self.db.engine.begin() as conn:
+                    await fn(conn)
 
     def wake(self) -> None:
         """Look for new jobs now instead of at the next poll."""
@@ -138,6 +152,7 @@ class OutboxWorker:
     async def run_once(self, *, wait: bool = True) -> int:
         """Recover stale jobs, claim due ones and start them; with ``wait`` also await them."""
         await self.recover_stale()
+        await self.run_periodic(force=wait)
         free = max(self._sem._value, 0)  # noqa: SLF001 - a cheap look at free slots
         if free == 0:
             await asyncio.sleep(0.01)

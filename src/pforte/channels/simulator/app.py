@@ -81,6 +81,7 @@ def create_simulator_app(
 
     @app.exception_handler(GraphError)
     async def on_graph_error(_request: Request, exc: GraphError) -> JSONResponse:
+        sim.error_counts[exc.code] += 1
         return _graph_error(exc)
 
     @app.exception_handler(PhoneFormError)

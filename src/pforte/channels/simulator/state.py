@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -264,6 +264,7 @@ class Simulator:
         self.config = config or SimulatorConfig()
         self.clock: Clock = clock or SystemClock()
         self.numbers: dict[str, SimNumber] = {}
+        self.error_counts: Counter[int] = Counter()  # synchronous Graph errors answered, by code
         self.users: dict[str, SimUser] = {}
         self.messages: list[SimMessage] = []
         self.media: dict[str, SimMedia] = {}

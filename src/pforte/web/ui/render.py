@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from fastapi import Request
 from fastapi.templating import Jinja2Templates
 from starlette.responses import Response
@@ -12,9 +13,13 @@ from starlette.responses import Response
 from pforte.i18n import negotiate, translations
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
-templates = Jinja2Templates(directory=str(TEMPLATES_DIR), extensions=["jinja2.ext.i18n"])
-templates.env.autoescape = True
-templates.env.install_null_translations(newstyle=True)  # type: ignore[attr-defined]
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
+    autoescape=True,
+    extensions=["jinja2.ext.i18n"],
+)
+_env.install_null_translations(newstyle=True)  # type: ignore[attr-defined]
+templates = Jinja2Templates(env=_env)
 
 
 def language(request: Request) -> str:

@@ -1,0 +1,295 @@
+"""Outbound through the outbox against the simulator, on SQLite and PostgreSQL (DESIGN 5)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import httpx
+import pytest
+from sqlalchemy import select, update
+
+from pforte.channels.models import Channel
+from pforte.conversations import service as conv
+from pforte.conversations.models import Conversation, Message
+from pforte.outbox.models import Job
+from tests.conftest import PNID
+from tests.helpers import all_rows
+
+
+async def _conversation(world) -> str:
+    await world.sim.patient_send_text(user=world.patient, phone_number_id=PNID, text="Guten Tag")
+    await world.settle()
+    async with world.services.db.transaction() as s:
+        (row,) = await conv.list_(session=s, keys=world.services.keys, org_id=world.org_id,
+                                  now=world.services.clock.now())
+    return row.id
+
+
+async def _send(world, conversation_id: str, text: str = "Ihr Befund ist da.", **kw) -> str:
+    async with world.services.db.transaction() as s:
+        msg = await conv.send_text(session=s, keys=world.services.keys, org_id=world.org_id,
+                                   conversation_id=conversation_id, user_id=world.staff_id, text=text,
+                                   now=world.services.clock.now(), **kw)
+    return msg.id
+
+
+async def _message(world, mid: str) -> Message:
+    async with world.services.db.transaction() as s:
+        return (await s.execute(select(Message).where(Message.id == mid))).scalar_one()
+
+
+async def _jobs(world, kind: str = "send_message") -> list[Job]:
+    return [j for j in await all_rows(world.services, Job) if j.kind == kind]
+
+
+async def _make_due(world) -> None:
+    async with world.services.db.transaction() as s:
+        await s.execute(update(Job).where(Job.state == "queued")
+                        .values(run_after=world.services.clock.now() - timedelta(seconds=1)))
+    world.services.channels.invalidate()
+
+
+async def test_reply_is_sent_delivered_and_read(world):
+    cid = await _conversation(world)
+    mid = await _send(world, cid)
+    await world.settle()
+    (sent,) = world.sim.business_messages(PNID)
+    assert sent.text == "Ihr Befund ist da."
+    m = await _message(world, mid)
+    assert m.external_id == sent.wamid
+    assert m.status == "delivered" and m.sent_at is not None and m.delivered_at is not None
+    await world.sim.patient_read(user=world.patient, phone_number_id=PNID)
+    await world.settle()
+    m = await _message(world, mid)
+    assert m.status == "read" and m.read_at is not None
+    assert [j.state for j in await _jobs(world)] == ["done"]
+
+
+async def test_reply_with_context_quotes_the_patients_message(world):
+    cid = await _conversation(world)
+    async with world.services.db.transaction() as s:
+        inbound = (await s.execute(select(Message).where(Message.direction == "in"))).scalar_one()
+    await _send(world, cid, text="Zu Ihrer Frage:", reply_to_message_id=inbound.id)
+    await world.settle()
+    (sent,) = world.sim.business_messages(PNID)
+    assert sent.context_id == inbound.external_id
+
+
+async def test_template_is_sent_with_its_parameters(world):
+    cid = await _conversation(world)
+    async with world.services.db.transaction() as s:
+        msg = await conv.send_template(session=s, keys=world.services.keys, org_id=world.org_id,
+                                       conversation_id=cid, user_id=world.staff_id, template_id=world.template_id,
+                                       params=["Frau Mustermann"], now=world.services.clock.now())
+    await world.settle()
+    (sent,) = world.sim.business_messages(PNID)
+    assert sent.type == "template" and sent.template["name"] == "termin_erinnerung"
+    assert (await _message(world, msg.id)).status in ("sent", "delivered")
+
+
+async def test_free_text_outside_the_window_is_refused_before_queueing(world):
+    cid = await _conversation(world)
+    async with world.services.db.transaction() as s:
+        await s.execute(update(Conversation).values(
+            last_inbound_at=world.services.clock.now() - timedelta(hours=25)))
+    from pforte.errors import ConflictError
+
+    with pytest.raises(ConflictError) as err:
+        await _send(world, cid)
+    assert err.value.code == "needs_template"
+    assert await _jobs(world) == []
+
+
+@pytest.mark.parametrize(("code", "asynchronous", "reason"), [
+    (131047, False, "needs_template"),
+    (131047, True, "needs_template"),
+    (131026, False, "undeliverable"),
+    (131026, True, "undeliverable"),
+    (100, False, "invalid_request"),
+])
+async def test_permanent_errors_fail_the_message_with_a_reason(world, code, asynchronous, reason):
+    cid = await _conversation(world)
+    world.sim.fail_next_send(PNID, code, asynchronous=asynchronous)
+    mid = await _send(world, cid)
+    await world.settle()
+    m = await _message(world, mid)
+    assert (m.status, m.error_code, m.error_reason) == ("failed", code, reason)
+    assert len(await _jobs(world)) == 1
+
+
+@pytest.mark.parametrize("code", [130429, 131056, 131000])
+async def test_retryable_errors_back_off_and_then_send_once(world, code):
+    cid = await _conversation(world)
+    world.sim.fail_next_send(PNID, code)
+    mid = await _send(world, cid)
+    await world.settle()
+    m = await _message(world, mid)
+    (job,) = await _jobs(world)
+    assert (m.status, m.error_code, job.state) == ("queued", code, "queued")
+    assert job.run_after > world.services.clock.now()  # backing off, not hammering
+    await _make_due(world)
+    await world.settle()
+    m = await _message(world, mid)
+    assert m.status in ("sent", "delivered") and m.external_id
+    assert len(world.sim.business_messages(PNID)) == 1
+
+
+async def test_expired_token_takes_the_channel_down_until_an_admin_fixes_it(world):
+    from pforte.channels import service as channels
+
+    cid = await _conversation(world)
+    world.sim.fail_next_send(PNID, 190)
+    mid = await _send(world, cid)
+    await world.settle()
+    async with world.services.db.transaction() as s:
+        ch = await s.get(Channel, world.channel_id)
+    assert ch.state == "DOWN" and "190" in (ch.state_reason or "")
+    m = await _message(world, mid)
+    assert (m.status, m.error_reason) == ("queued", "channel_down")  # kept, not lost
+    async with world.services.db.transaction() as s:
+        await channels.update_token(session=s, keys=world.services.keys, channel_id=world.channel_id,
+                                    access_token="sim-access-token-abc", now=world.services.clock.now())
+    await _make_due(world)
+    await world.settle()
+    assert (await _message(world, mid)).status in ("sent", "delivered")
+    assert len(world.sim.business_messages(PNID)) == 1
+
+
+async def test_worker_crash_after_send_started_marks_for_review_and_never_resends(world):
+    cid = await _conversation(world)
+    mid = await _send(world, cid)
+    worker = world.services.outbox
+    (claimed,) = await worker.claim(10)
+    async with world.services.db.transaction() as s:  # the handler's first step, then the process dies
+        await s.execute(update(Job).where(Job.id == claimed.id).values(started_at=world.services.clock.now()))
+        await s.execute(update(Message).where(Message.id == mid).values(status="sending"))
+        await s.execute(update(Job).values(locked_until=world.services.clock.now() - timedelta(seconds=1)))
+    assert await worker.recover_stale() == 1
+    await world.settle()
+    m = await _message(world, mid)
+    assert (m.status, m.review_reason) == ("review", "outcome_unknown")
+    assert [j.state for j in await _jobs(world)] == ["review"]
+    assert world.sim.business_messages(PNID) == []
+    # Staff decide to resend: exactly one message goes out.
+    async with world.services.db.transaction() as s:
+        await conv.resolve_review(session=s, org_id=world.org_id, message_id=mid, resend=True,
+                                  now=world.services.clock.now())
+    await world.settle()
+    assert len(world.sim.business_messages(PNID)) == 1
+
+
+async def test_worker_crash_before_send_started_requeues_and_sends_once(world):
+    cid = await _conversation(world)
+    mid = await _send(world, cid)
+    worker = world.services.outbox
+    await worker.claim(10)
+    async with world.services.db.transaction() as s:
+        await s.execute(update(Job).values(locked_until=world.services.clock.now() - timedelta(seconds=1)))
+    assert await worker.recover_stale() == 1
+    await world.settle()
+    assert (await _message(world, mid)).status in ("sent", "delivered")
+    assert len(world.sim.business_messages(PNID)) == 1
+
+
+class _TimeoutAfterSend(httpx.AsyncBaseTransport):
+    """Forwards to the simulator, then pretends the answer never arrived (a read timeout)."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.armed = True
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if self.armed and request.method == "POST" and request.url.path.endswith("/messages"):
+            self.armed = False
+            await response.aread()
+            raise httpx.ReadTimeout("no answer", request=request)
+        return response
+
+
+async def test_send_whose_answer_is_lost_goes_to_review_not_resent(world):
+    cid = await _conversation(world)
+    world.services.http._transport = _TimeoutAfterSend(world.services.http._transport)
+    mid = await _send(world, cid)
+    await world.settle()
+    m = await _message(world, mid)
+    assert (m.status, m.review_reason) == ("review", "outcome_unknown")
+    assert len(world.sim.business_messages(PNID)) == 1  # it did go out once; we do not send it again
+
+
+async def test_sends_are_paced_to_the_channel_rate_without_rate_limit_errors(world):
+    cid = await _conversation(world)
+    async with world.services.db.transaction() as s:
+        await s.execute(update(Channel).values(rate_limit_per_s=20))
+    world.sim.numbers[PNID].rate_limit_per_s = 20
+    world.services.channels.invalidate()
+    for i in range(45):
+        await _send(world, cid, text=f"Nachricht {i}")
+    await world.settle()
+    assert len(world.sim.business_messages(PNID)) == 45
+    assert world.sim.error_counts[130429] == 0
+    assert all(j.attempts == 1 and j.state == "done" for j in await _jobs(world))
+
+
+async def test_inbound_media_is_downloaded_checked_and_stored_encrypted(world):
+    data = b"\x89PNG\r\n\x1a\n" + b"befund-bild" * 100
+    await world.sim.patient_send_media(user=world.patient, phone_number_id=PNID, kind="image", data=data,
+                                       mime_type="image/png", caption="Foto")
+    await world.settle()
+    from pforte.conversations.models import Attachment
+
+    (att,) = await all_rows(world.services, Attachment)
+    assert att.state == "stored" and att.size == len(data)
+    async with world.services.db.transaction() as s:
+        got, mime, _ = await conv.read_attachment(session=s, keys=world.services.keys, blobs=world.services.blobs,
+                                                  org_id=world.org_id, attachment_id=att.id)
+    assert got == data and mime == "image/png"
+    blob = next(world.services.blobs.root.rglob(att.blob_name))
+    assert b"befund-bild" not in blob.read_bytes()
+
+
+class _FailMedia(httpx.AsyncBaseTransport):
+    """Refuses connections for media look-ups while ``down`` is set."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.down = True
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.down and request.method == "GET":
+            raise httpx.ConnectError("refused", request=request)
+        return await self.inner.handle_async_request(request)
+
+
+async def test_media_failure_keeps_the_message_and_retries_the_download(world):
+    failing = _FailMedia(world.services.http._transport)
+    world.services.http._transport = failing
+    await world.sim.patient_send_media(user=world.patient, phone_number_id=PNID, kind="image",
+                                       data=b"\xff\xd8\xff" + b"x" * 50, mime_type="image/jpeg", caption="Bild")
+    await world.settle()
+    from pforte.conversations.models import Attachment
+
+    msgs = await all_rows(world.services, Message)
+    (att,) = await all_rows(world.services, Attachment)
+    assert len(msgs) == 1 and msgs[0].type == "image"
+    assert att.state == "pending" and att.error_reason == "provider_unavailable"
+    (job,) = await _jobs(world, "download_media")
+    assert job.state == "queued"
+    failing.down = False
+    await _make_due(world)
+    await world.settle()
+    (att,) = await all_rows(world.services, Attachment)
+    assert att.state == "stored"
+
+
+async def test_media_with_wrong_hash_is_marked_failed_and_message_kept(world):
+    await world.sim.patient_send_media(user=world.patient, phone_number_id=PNID, kind="image",
+                                       data=b"\xff\xd8\xff" + b"y" * 50, mime_type="image/jpeg")
+    for media in world.sim.media.values():
+        media.data = media.data + b"tampered"
+    await world.settle()
+    from pforte.conversations.models import Attachment
+
+    (att,) = await all_rows(world.services, Attachment)
+    assert att.state == "failed"
+    assert len(await all_rows(world.services, Message)) == 1
