@@ -121,7 +121,8 @@ def _htmx(request: Request) -> bool:
 def _check_same_origin(request: Request) -> None:
     """CSRF defence where there is no session yet (login, language): the browser must say same-origin."""
     origin = request.headers.get("origin")
-    if origin and urlsplit(origin).netloc != request.headers.get("host", ""):
+    # "null" is what browsers send under Referrer-Policy: no-referrer; Sec-Fetch-Site then decides.
+    if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host", ""):
         raise PermissionDenied("cross-origin request refused", code="csrf")
     if request.headers.get("sec-fetch-site") not in (None, "same-origin", "none"):
         raise PermissionDenied("cross-origin request refused", code="csrf")
