@@ -69,6 +69,18 @@ async def test_wrong_password_and_unknown_user_get_the_same_error_and_no_session
 
 
 async def test_login_from_another_origin_is_refused(world):
+    # Under Referrer-Policy: no-referrer browsers send "Origin: null"; Sec-Fetch-Site tells the truth.
+    for headers in ({"origin": "null", "sec-fetch-site": "cross-site"}, {"sec-fetch-site": "same-site"}):
+        resp = await world.client.post(
+            "/login", data={"email": world.staff_email, "password": PASSWORD}, headers=headers
+        )
+        assert resp.status_code == 403
+    ok = await world.client.post(
+        "/login",
+        data={"email": world.staff_email, "password": PASSWORD},
+        headers={"origin": "null", "sec-fetch-site": "same-origin"},
+    )
+    assert ok.status_code == 303
     resp = await world.client.post(
         "/login",
         data={"email": world.staff_email, "password": PASSWORD},

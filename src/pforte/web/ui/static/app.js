@@ -27,8 +27,9 @@
     if (status < 400) {
       return;
     }
-    var elt = evt.detail.requestConfig && evt.detail.requestConfig.elt;
-    var form = elt && elt.closest ? elt.closest("form") : null;
+    // beforeSwap fires on the swap target; the element that made the request is in requestConfig.
+    var elt = (evt.detail.requestConfig && evt.detail.requestConfig.elt) || evt.detail.elt || evt.target;
+    var form = elt instanceof Element ? elt.closest("form") : null;
     var slot = form ? form.querySelector(".form-error") : null;
     if (slot) {
       evt.detail.target = slot;
@@ -41,7 +42,9 @@
   // After a successful send: clear the form, its error and the reply-to, show the newest message.
   document.addEventListener("htmx:afterRequest", function (evt) {
     var form = evt.detail.elt;
-    if (!form || form.tagName !== "FORM" || !evt.detail.successful) {
+    var xhr = evt.detail.xhr;
+    // An error fragment swapped in by the handler above counts as "successful" for htmx: check the status.
+    if (!form || form.tagName !== "FORM" || !evt.detail.successful || !xhr || xhr.status >= 400) {
       return;
     }
     var slot = form.querySelector(".form-error");
