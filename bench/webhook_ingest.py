@@ -50,12 +50,37 @@ def make_body(start: int, count: int) -> bytes:
     for i in range(start, start + count):
         patient = i % 1000
         wa = f"49151{patient:08d}"
-        contacts.append({"profile": {"name": f"Patient {patient}"}, "wa_id": wa, "user_id": f"DE.{patient:016d}"})
-        messages.append({"from": wa, "id": f"wamid.bench{i:012d}", "timestamp": str(int(time.time())),
-                         "type": "text", "text": {"body": f"Nachricht {i}: mir geht es heute nicht gut"}})
-    doc = {"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": [{"field": "messages", "value": {
-        "messaging_product": "whatsapp", "metadata": {"display_phone_number": "4930", "phone_number_id": PNID},
-        "contacts": contacts, "messages": messages}}]}]}
+        contacts.append(
+            {"profile": {"name": f"Patient {patient}"}, "wa_id": wa, "user_id": f"DE.{patient:016d}"}
+        )
+        messages.append(
+            {
+                "from": wa,
+                "id": f"wamid.bench{i:012d}",
+                "timestamp": str(int(time.time())),
+                "type": "text",
+                "text": {"body": f"Nachricht {i}: mir geht es heute nicht gut"},
+            }
+        )
+    doc = {
+        "object": "whatsapp_business_account",
+        "entry": [
+            {
+                "id": "1",
+                "changes": [
+                    {
+                        "field": "messages",
+                        "value": {
+                            "messaging_product": "whatsapp",
+                            "metadata": {"display_phone_number": "4930", "phone_number_id": PNID},
+                            "contacts": contacts,
+                            "messages": messages,
+                        },
+                    }
+                ],
+            }
+        ],
+    }
     return json.dumps(doc).encode()
 
 
@@ -70,12 +95,16 @@ def peak_rss_kb(pid: int) -> int:
 def pg_database() -> str:
     """Create a throwaway PostgreSQL database and return its URL."""
     name = f"pforte_bench_{secrets.token_hex(4)}"
-    subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc", f'CREATE DATABASE "{name}"'],
-                   check=True)
+    subprocess.run(
+        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc", f'CREATE DATABASE "{name}"'],
+        check=True,
+    )
     return f"postgresql://postgres@127.0.0.1:5432/{name}"
 
 
-def load(url: str, channel_id: str, batch: int, seconds: int, connections: int, expected_rate: int) -> dict[str, object]:
+def load(
+    url: str, channel_id: str, batch: int, seconds: int, connections: int, expected_rate: int
+) -> dict[str, object]:
     """Pre-sign bodies for the whole run and replay them with wrk; parse its latency report."""
     posts = max(1000, int(expected_rate * seconds * 1.5 / batch))
     script = Path(tempfile.mkstemp(prefix="pforte-bodies-", suffix=".tsv")[1])
@@ -86,13 +115,33 @@ def load(url: str, channel_id: str, batch: int, seconds: int, connections: int, 
             fh.write(sig + "\t" + body.decode() + "\n")
     lua = str(Path(__file__).with_name("signed_posts.lua"))
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s", "-s", lua, url, "--",
-         f"/webhooks/whatsapp/{channel_id}", str(script)],
-        check=True, capture_output=True, text=True,
+        [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{seconds}s",
+            "--latency",
+            "--timeout",
+            "10s",
+            "-s",
+            lua,
+            url,
+            "--",
+            f"/webhooks/whatsapp/{channel_id}",
+            str(script),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     script.unlink()
-    return {"posts_prepared": posts, "wrk": parse_wrk(out), "batch": batch, "connections": connections,
-            "seconds": seconds}
+    return {
+        "posts_prepared": posts,
+        "wrk": parse_wrk(out),
+        "batch": batch,
+        "connections": connections,
+        "seconds": seconds,
+    }
 
 
 def parse_wrk(text: str) -> dict[str, object]:
@@ -122,12 +171,22 @@ def _ms(value: str) -> float:
 
 def stored_messages(env: dict[str, str]) -> int:
     """Messages rows in the database after the run (everything answered 200 must be there)."""
-    code = ("import asyncio,sqlalchemy as sa;from pforte.config import load_settings;from pforte.db import Database\n"
-            "async def m():\n d=Database(load_settings().effective_database_url)\n"
-            " async with d.engine.connect() as c: print((await c.execute(sa.text('select count(*) from messages'))).scalar())\n"
-            " await d.dispose()\nasyncio.run(m())")
-    return int(subprocess.run([str(ROOT / ".venv/bin/python"), "-c", code], env=env, capture_output=True, text=True,
-                              check=True).stdout.strip())
+    code = (
+        "import asyncio,sqlalchemy as sa\n"
+        "from pforte.config import load_settings\n"
+        "from pforte.db import Database\n"
+        "async def m():\n"
+        " d=Database(load_settings().effective_database_url)\n"
+        " async with d.engine.connect() as c:\n"
+        "  print((await c.execute(sa.text('select count(*) from messages'))).scalar())\n"
+        " await d.dispose()\n"
+        "asyncio.run(m())"
+    )
+    return int(
+        subprocess.run(
+            [str(ROOT / ".venv/bin/python"), "-c", code], env=env, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
 
 
 def main() -> None:
@@ -148,11 +207,29 @@ def main() -> None:
     run = lambda *a: subprocess.run([PFORTE, *a], env=env, check=True, capture_output=True, text=True).stdout  # noqa: E731
     run("migrate")
     run("org", "create", "--name", "Bench", "--slug", "bench")
-    ch = json.loads(run("channel", "add-whatsapp", "--org", "bench", "--name", "B", "--phone-number-id", PNID,
-                        "--display-phone-number", "+4930", "--access-token", "t", "--app-secret", SECRET,
-                        "--graph-base-url", "http://127.0.0.1:9"))
-    proc = subprocess.Popen([PFORTE, "serve", "--no-migrate"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    ch = json.loads(
+        run(
+            "channel",
+            "add-whatsapp",
+            "--org",
+            "bench",
+            "--name",
+            "B",
+            "--phone-number-id",
+            PNID,
+            "--display-phone-number",
+            "+4930",
+            "--access-token",
+            "t",
+            "--app-secret",
+            SECRET,
+            "--graph-base-url",
+            "http://127.0.0.1:9",
+        )
+    )
+    proc = subprocess.Popen(
+        [PFORTE, "serve", "--no-migrate"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(100):
@@ -165,9 +242,14 @@ def main() -> None:
         result = load(url, ch["id"], args.batch, args.seconds, args.connections, args.expected_rate)
         wrk = result["wrk"]
         assert isinstance(wrk, dict)
-        result.update(db=args.db, updates_per_s=round(float(wrk.get("requests_per_s", 0)) * args.batch),
-                      pforte_peak_rss_mb=round(peak_rss_kb(proc.pid) / 1024, 1), cores=os.cpu_count(),
-                      machine=platform.machine(), python=platform.python_version())
+        result.update(
+            db=args.db,
+            updates_per_s=round(float(wrk.get("requests_per_s", 0)) * args.batch),
+            pforte_peak_rss_mb=round(peak_rss_kb(proc.pid) / 1024, 1),
+            cores=os.cpu_count(),
+            machine=platform.machine(),
+            python=platform.python_version(),
+        )
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
         result["messages_stored"] = stored_messages(env)
@@ -178,8 +260,20 @@ def main() -> None:
         shutil.rmtree(data, ignore_errors=True)
         if args.db == "postgresql":
             name = env["PFORTE_DATABASE_URL"].rsplit("/", 1)[1]
-            subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-qc",
-                            f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'], check=False)
+            subprocess.run(
+                [
+                    "psql",
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    "postgres",
+                    "-d",
+                    "test",
+                    "-qc",
+                    f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
+                ],
+                check=False,
+            )
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ def pg_url() -> Iterator[str]:
     try:
         _pg_exec(f'CREATE DATABASE "{name}"')
     except Exception as exc:  # fail loudly: PostgreSQL is a required part of the test suite
-        pytest.fail(f"PostgreSQL is unreachable at {PG_ADMIN} ({type(exc).__name__}); tests need it", pytrace=False)
+        pytest.fail(
+            f"PostgreSQL is unreachable at {PG_ADMIN} ({type(exc).__name__}); tests need it", pytrace=False
+        )
     url = "postgresql+asyncpg://" + PG_ADMIN.split("://", 1)[1].rsplit("/", 1)[0] + "/" + name
     migrate.upgrade(url)
     yield url
@@ -98,9 +100,15 @@ def db_url(db_kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iter
 @pytest.fixture
 def settings(db_url: str, tmp_path: Path) -> Settings:
     """Settings for a test instance with its own data directory."""
-    return Settings(data_dir=tmp_path / "data", database_url=db_url, base_url="https://testserver",
-                    outbox_poll_seconds=0.05, group_commit_window_ms=1.0, run_workers=True,
-                    dek_cache_seconds=300.0)
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=db_url,
+        base_url="https://testserver",
+        outbox_poll_seconds=0.05,
+        group_commit_window_ms=1.0,
+        run_workers=True,
+        dek_cache_seconds=300.0,
+    )
 
 
 class LazyASGI:
@@ -135,7 +143,9 @@ class World:
         """Log the test client in (default: the staff user)."""
         page = await self.client.get("/login")
         assert page.status_code == 200
-        return await self.client.post("/login", data={"email": email or self.staff_email, "password": password})
+        return await self.client.post(
+            "/login", data={"email": email or self.staff_email, "password": password}
+        )
 
     async def settle(self, rounds: int = 5) -> None:
         """Let webhooks and outbox jobs run until both are quiet."""
@@ -144,6 +154,7 @@ class World:
             await self.services.outbox.drain()
             await asyncio.sleep(0)
         await self.sim.drain(timeout=5.0)
+        await self.services.outbox.drain()  # its periodic pass reconciles statuses parked meanwhile
 
 
 @pytest.fixture
@@ -163,32 +174,82 @@ async def world(settings: Settings) -> AsyncIterator[World]:
     await sim.start()
     now = services.clock.now()
     async with services.db.transaction() as session:
-        org = await orgs.create(session=session, keys=services.keys, name="Klinikum Test", slug="klinikum", now=now)
-        await staff.create(session=session, org_id=org.id, email="admin@klinikum.test", display_name="Admin",
-                           password=PASSWORD, role="admin", now=now)
-        user = await staff.create(session=session, org_id=org.id, email="dr.weiss@klinikum.test",
-                                  display_name="Dr. Weiss", password=PASSWORD, role="staff", now=now)
-        ch = await channels.add_whatsapp(
-            session=session, keys=services.keys, org=org, name="Station 3", phone_number_id=PNID,
-            display_phone_number="+49 30 1234567", access_token=ACCESS_TOKEN, app_secret=APP_SECRET,
-            verify_token="verify-me", graph_base_url="https://graph.test", now=now,
+        org = await orgs.create(
+            session=session, keys=services.keys, name="Klinikum Test", slug="klinikum", now=now
         )
-        tpl = MessageTemplate(org_id=org.id, name="termin_erinnerung", language="de",
-                              body="Guten Tag {{1}}, bitte melden Sie sich bei uns.", param_count=1, created_at=now)
+        await staff.create(
+            session=session,
+            org_id=org.id,
+            email="admin@klinikum.test",
+            display_name="Admin",
+            password=PASSWORD,
+            role="admin",
+            now=now,
+        )
+        user = await staff.create(
+            session=session,
+            org_id=org.id,
+            email="dr.weiss@klinikum.test",
+            display_name="Dr. Weiss",
+            password=PASSWORD,
+            role="staff",
+            now=now,
+        )
+        ch = await channels.add_whatsapp(
+            session=session,
+            keys=services.keys,
+            org=org,
+            name="Station 3",
+            phone_number_id=PNID,
+            display_phone_number="+49 30 1234567",
+            access_token=ACCESS_TOKEN,
+            app_secret=APP_SECRET,
+            verify_token="verify-me",
+            graph_base_url="https://graph.test",
+            now=now,
+        )
+        tpl = MessageTemplate(
+            org_id=org.id,
+            name="termin_erinnerung",
+            language="de",
+            body="Guten Tag {{1}}, bitte melden Sie sich bei uns.",
+            param_count=1,
+            created_at=now,
+        )
         session.add(tpl)
         await session.flush()
         ids = (org.id, ch.id, user.id, tpl.id)
-    sim.add_number(phone_number_id=PNID, display_phone_number="+49 30 1234567", access_token=ACCESS_TOKEN,
-                   app_secret=APP_SECRET, webhook_url=f"https://testserver/webhooks/whatsapp/{ids[1]}",
-                   verify_token="verify-me")
-    sim.add_template(PNID, "termin_erinnerung", "de", body="Guten Tag {{1}}, bitte melden Sie sich bei uns.",
-                     param_count=1)
+    sim.add_number(
+        phone_number_id=PNID,
+        display_phone_number="+49 30 1234567",
+        access_token=ACCESS_TOKEN,
+        app_secret=APP_SECRET,
+        webhook_url=f"https://testserver/webhooks/whatsapp/{ids[1]}",
+        verify_token="verify-me",
+    )
+    sim.add_template(
+        PNID, "termin_erinnerung", "de", body="Guten Tag {{1}}, bitte melden Sie sich bei uns.", param_count=1
+    )
     patient = sim.add_user(name="Erika Mustermann", wa_id="4915112345678")
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://testserver",
-                               headers={"accept-language": "de-DE,de;q=0.9"})
-    w = World(services=services, app=app, client=client, sim_app=sim_app, sim=sim, org_id=ids[0],
-              channel_id=ids[1], admin_email="admin@klinikum.test", staff_email="dr.weiss@klinikum.test",
-              staff_id=ids[2], template_id=ids[3], patient=patient)
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="https://testserver",
+        headers={"accept-language": "de-DE,de;q=0.9"},
+    )
+    w = World(
+        services=services,
+        app=app,
+        client=client,
+        sim_app=sim_app,
+        sim=sim,
+        org_id=ids[0],
+        channel_id=ids[1],
+        admin_email="admin@klinikum.test",
+        staff_email="dr.weiss@klinikum.test",
+        staff_id=ids[2],
+        template_id=ids[3],
+        patient=patient,
+    )
     try:
         yield w
     finally:

@@ -43,8 +43,13 @@ def count_items(body: bytes) -> tuple[int, int]:
     return msgs, stats
 
 
-async def post_webhook(client: httpx.AsyncClient, channel_id: str, body: bytes, secret: str | None,
-                       headers: dict[str, str] | None = None) -> httpx.Response:
+async def post_webhook(
+    client: httpx.AsyncClient,
+    channel_id: str,
+    body: bytes,
+    secret: str | None,
+    headers: dict[str, str] | None = None,
+) -> httpx.Response:
     """POST a webhook as Meta would (signature over the exact bytes)."""
     h = {"content-type": "application/json", **(headers or {})}
     if secret is not None:

@@ -62,7 +62,9 @@ def create_app(services: Services, *, manage_lifespan: bool = True) -> FastAPI:
                 await conn.execute(text("SELECT 1"))
         except Exception:
             return JSONResponse({"ready": False, "database": "down"}, status_code=503)
-        return JSONResponse({"ready": services.started, "database": "up"}, status_code=200 if services.started else 503)
+        return JSONResponse(
+            {"ready": services.started, "database": "up"}, status_code=200 if services.started else 503
+        )
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -11,7 +12,7 @@ from pforte.channels.service import ChannelCache
 from pforte.clock import Clock, SystemClock
 from pforte.config import Settings
 from pforte.conversations import jobs as conversation_jobs
-from pforte.conversations.ingest import Ingestor, IngestWriter
+from pforte.conversations.ingest import Ingestor, IngestWriter, reconcile_pending_statuses
 from pforte.crypto.blobs import BlobStore
 from pforte.crypto.keys import FileKeyProvider, KeyProvider, KeyService
 from pforte.db import Database
@@ -19,6 +20,7 @@ from pforte.events import EventBus
 from pforte.metrics import Metrics
 from pforte.outbox.ratelimit import RateLimits
 from pforte.outbox.worker import OutboxWorker
+from pforte.staff import jobs as staff_jobs
 
 
 @dataclass
@@ -76,14 +78,48 @@ def build_services(
     channels = ChannelCache(keys)
     http = httpx.AsyncClient(transport=graph_transport, timeout=settings.graph_timeout_seconds)
     ingest = IngestWriter(
-        db=db, ingestor=Ingestor(keys=keys, clock=clock), bus=bus, metrics=metrics,
-        window_ms=settings.group_commit_window_ms, max_updates=settings.group_commit_max_updates,
+        db=db,
+        ingestor=Ingestor(keys=keys, clock=clock),
+        bus=bus,
+        metrics=metrics,
+        window_ms=settings.group_commit_window_ms,
+        max_updates=settings.group_commit_max_updates,
     )
-    outbox = OutboxWorker(db=db, clock=clock, metrics=metrics, poll_seconds=settings.outbox_poll_seconds,
-                          batch=settings.outbox_batch, lease_seconds=settings.outbox_lease_seconds)
-    conversation_jobs.register(outbox, conversation_jobs.JobDeps(
-        db=db, keys=keys, channels=channels, blobs=blobs, clock=clock, metrics=metrics, bus=bus, http=http,
-        limits=RateLimits(clock), media_max_bytes=settings.media_max_bytes,
-    ))
-    return Services(settings=settings, clock=clock, db=db, keys=keys, blobs=blobs, metrics=metrics, bus=bus,
-                    channels=channels, ingest=ingest, outbox=outbox, http=http)
+    outbox = OutboxWorker(
+        db=db,
+        clock=clock,
+        metrics=metrics,
+        poll_seconds=settings.outbox_poll_seconds,
+        batch=settings.outbox_batch,
+        lease_seconds=settings.outbox_lease_seconds,
+    )
+    conversation_jobs.register(
+        outbox,
+        conversation_jobs.JobDeps(
+            db=db,
+            keys=keys,
+            channels=channels,
+            blobs=blobs,
+            clock=clock,
+            metrics=metrics,
+            bus=bus,
+            http=http,
+            limits=RateLimits(clock),
+            media_max_bytes=settings.media_max_bytes,
+        ),
+    )
+    ingest.on_parked = lambda: outbox.run_soon(reconcile_pending_statuses)
+    staff_jobs.register(outbox, clock=clock, idle=timedelta(minutes=settings.session_idle_minutes))
+    return Services(
+        settings=settings,
+        clock=clock,
+        db=db,
+        keys=keys,
+        blobs=blobs,
+        metrics=metrics,
+        bus=bus,
+        channels=channels,
+        ingest=ingest,
+        outbox=outbox,
+        http=http,
+    )

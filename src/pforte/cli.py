@@ -17,7 +17,9 @@ from pforte import logs, migrate
 from pforte.config import Settings, load_settings
 from pforte.errors import PforteError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="pforte — the messaging gate for care providers")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="pforte — the messaging gate for care providers"
+)
 org_app = typer.Typer(no_args_is_help=True, help="Organisations")
 user_app = typer.Typer(no_args_is_help=True, help="Staff accounts")
 channel_app = typer.Typer(no_args_is_help=True, help="Channels (WhatsApp numbers)")
@@ -84,8 +86,16 @@ def serve(
         migrate.upgrade(s.effective_database_url)
     for key, value in (("PFORTE_HOST", s.host), ("PFORTE_PORT", str(s.port))):
         os.environ[key] = value
-    uvicorn.run("pforte.cli:app_factory", factory=True, host=s.host, port=s.port, workers=workers,
-                access_log=False, log_config=None, proxy_headers=False)
+    uvicorn.run(
+        "pforte.cli:app_factory",
+        factory=True,
+        host=s.host,
+        port=s.port,
+        workers=workers,
+        access_log=False,
+        log_config=None,
+        proxy_headers=False,
+    )
 
 
 def app_factory() -> Any:
@@ -107,8 +117,14 @@ def demo(
     """Start pforte with SQLite and the built-in WhatsApp simulator, ready to try in two browser tabs."""
     from pforte.demo import run_demo
 
-    s = _settings(data_dir=data_dir, host=host, port=port, base_url=f"http://{host}:{port}",
-                  cookie_secure=host in ("127.0.0.1", "localhost", "::1"), log_format="text")
+    s = _settings(
+        data_dir=data_dir,
+        host=host,
+        port=port,
+        base_url=f"http://{host}:{port}",
+        cookie_secure=host in ("127.0.0.1", "localhost", "::1"),
+        log_format="text",
+    )
     logs.configure("WARNING", "text")
     try:
         asyncio.run(run_demo(s))
@@ -171,8 +187,15 @@ def user_create(
     async def _do(sv: Any) -> str:
         async with sv.db.transaction() as session:
             o = await orgs.get_by_slug(session=session, slug=org)
-            u = await staff.create(session=session, org_id=o.id, email=email, display_name=name or email,
-                                   password=pw, role=role, now=sv.clock.now())
+            u = await staff.create(
+                session=session,
+                org_id=o.id,
+                email=email,
+                display_name=name or email,
+                password=pw,
+                role=role,
+                now=sv.clock.now(),
+            )
             return u.id
 
     uid = _run(_settings(), _do)
@@ -203,10 +226,20 @@ def channel_add_whatsapp(
         async with sv.db.transaction() as session:
             o = await orgs.get_by_slug(session=session, slug=org)
             ch = await channels.add_whatsapp(
-                session=session, keys=sv.keys, org=o, name=name, phone_number_id=phone_number_id,
-                display_phone_number=display_phone_number, access_token=access_token, app_secret=app_secret,
-                verify_token=verify_token, graph_base_url=graph_base_url, graph_version=graph_version,
-                rate_limit_per_s=rate_limit, storage_region=storage_region, now=sv.clock.now(),
+                session=session,
+                keys=sv.keys,
+                org=o,
+                name=name,
+                phone_number_id=phone_number_id,
+                display_phone_number=display_phone_number,
+                access_token=access_token,
+                app_secret=app_secret,
+                verify_token=verify_token,
+                graph_base_url=graph_base_url,
+                graph_version=graph_version,
+                rate_limit_per_s=rate_limit,
+                storage_region=storage_region,
+                now=sv.clock.now(),
             )
             return {"id": ch.id, "webhook_path": f"/webhooks/whatsapp/{ch.id}"}
 
@@ -226,15 +259,24 @@ def channel_list(
         async with sv.db.transaction() as session:
             for ch in await channels.list_(session=session):
                 item: dict[str, Any] = {
-                    "id": ch.id, "org_id": ch.org_id, "kind": ch.kind, "name": ch.name,
-                    "phone_number_id": ch.phone_number_id, "display_phone_number": ch.display_phone_number,
-                    "webhook_path": f"/webhooks/whatsapp/{ch.id}", "state": ch.state,
-                    "state_reason": ch.state_reason, "rate_limit_per_s": ch.rate_limit_per_s,
+                    "id": ch.id,
+                    "org_id": ch.org_id,
+                    "kind": ch.kind,
+                    "name": ch.name,
+                    "phone_number_id": ch.phone_number_id,
+                    "display_phone_number": ch.display_phone_number,
+                    "webhook_path": f"/webhooks/whatsapp/{ch.id}",
+                    "state": ch.state,
+                    "state_reason": ch.state_reason,
+                    "rate_limit_per_s": ch.rate_limit_per_s,
                 }
                 if show_secrets:
                     rt = await channels.runtime(session=session, keys=sv.keys, channel_id=ch.id)
-                    item.update(access_token=rt.access_token, app_secret=rt.app_secret.decode(),
-                                verify_token=rt.verify_token)
+                    item.update(
+                        access_token=rt.access_token,
+                        app_secret=rt.app_secret.decode(),
+                        verify_token=rt.verify_token,
+                    )
                 out.append(item)
         return out
 

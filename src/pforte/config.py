@@ -21,7 +21,9 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default=Path("./pforte-data"), description="SQLite file, blobs, key file")
     database_url: str | None = Field(default=None, description="default: SQLite in data_dir")
-    key_file: Path | None = Field(default=None, description="KEK key ring; default data_dir/keys/keyring.json")
+    key_file: Path | None = Field(
+        default=None, description="KEK key ring; default data_dir/keys/keyring.json"
+    )
     blob_dir: Path | None = Field(default=None, description="encrypted attachments; default data_dir/blobs")
     base_url: str = "http://127.0.0.1:8080"
     host: str = "127.0.0.1"

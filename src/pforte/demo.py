@@ -65,18 +65,39 @@ async def run_demo(settings: Settings) -> None:
         now = services.clock.now()
         org = await orgs.get_by_slug(session=session, slug="demo", missing_ok=True)
         if org is None:
-            org = await orgs.create(session=session, keys=services.keys, name="Demo-Klinik", slug="demo", now=now)
-            await staff.create(session=session, org_id=org.id, email=creds["admin_email"], display_name="Demo Admin",
-                               password=creds["admin_password"], role="admin", now=now)
+            org = await orgs.create(
+                session=session, keys=services.keys, name="Demo-Klinik", slug="demo", now=now
+            )
+            await staff.create(
+                session=session,
+                org_id=org.id,
+                email=creds["admin_email"],
+                display_name="Demo Admin",
+                password=creds["admin_password"],
+                role="admin",
+                now=now,
+            )
             for name, lang, body, n in TEMPLATES:
-                session.add(MessageTemplate(org_id=org.id, name=name, language=lang, body=body, param_count=n,
-                                            created_at=now))
-        ch = (await session.execute(select(Channel).where(Channel.phone_number_id == DEMO_PNID))).scalar_one_or_none()
+                session.add(
+                    MessageTemplate(
+                        org_id=org.id, name=name, language=lang, body=body, param_count=n, created_at=now
+                    )
+                )
+        ch = (
+            await session.execute(select(Channel).where(Channel.phone_number_id == DEMO_PNID))
+        ).scalar_one_or_none()
         if ch is None:
             ch = await channels.add_whatsapp(
-                session=session, keys=services.keys, org=org, name="Demo-Station", phone_number_id=DEMO_PNID,
-                display_phone_number=DEMO_DISPLAY, access_token=creds["access_token"],
-                app_secret=creds["app_secret"], verify_token=creds["verify_token"], graph_base_url=graph_url,
+                session=session,
+                keys=services.keys,
+                org=org,
+                name="Demo-Station",
+                phone_number_id=DEMO_PNID,
+                display_phone_number=DEMO_DISPLAY,
+                access_token=creds["access_token"],
+                app_secret=creds["app_secret"],
+                verify_token=creds["verify_token"],
+                graph_base_url=graph_url,
                 now=now,
             )
         elif ch.graph_base_url != graph_url:
@@ -84,21 +105,36 @@ async def run_demo(settings: Settings) -> None:
         channel_id = ch.id
     sim_app = create_simulator_app(SimulatorConfig(public_base_url=sim_url))
     sim = sim_app.state.sim
-    sim.add_number(phone_number_id=DEMO_PNID, display_phone_number=DEMO_DISPLAY,
-                   access_token=creds["access_token"], app_secret=creds["app_secret"],
-                   webhook_url=f"{settings.base_url}/webhooks/whatsapp/{channel_id}",
-                   verify_token=creds["verify_token"])
+    sim.add_number(
+        phone_number_id=DEMO_PNID,
+        display_phone_number=DEMO_DISPLAY,
+        access_token=creds["access_token"],
+        app_secret=creds["app_secret"],
+        webhook_url=f"{settings.base_url}/webhooks/whatsapp/{channel_id}",
+        verify_token=creds["verify_token"],
+    )
     for name, lang, body, n in TEMPLATES:
         sim.add_template(DEMO_PNID, name, lang, body=body, param_count=n)
     sim.add_user(name="Erika Mustermann", wa_id="4915112345678")
     pforte_app = create_app(services)
     servers = [
-        uvicorn.Server(uvicorn.Config(pforte_app, host=settings.host, port=settings.port, access_log=False,
-                                      log_config=None, lifespan="on")),
-        uvicorn.Server(uvicorn.Config(sim_app, host=settings.host, port=sim_port, access_log=False,
-                                      log_config=None, lifespan="on")),
+        uvicorn.Server(
+            uvicorn.Config(
+                pforte_app,
+                host=settings.host,
+                port=settings.port,
+                access_log=False,
+                log_config=None,
+                lifespan="on",
+            )
+        ),
+        uvicorn.Server(
+            uvicorn.Config(
+                sim_app, host=settings.host, port=sim_port, access_log=False, log_config=None, lifespan="on"
+            )
+        ),
     ]
-    print(  # noqa: T201 - the demo's whole point is to tell the person where to go
+    print(
         "\n  pforte demo is running\n"
         f"  Inbox (staff):          {settings.base_url}/\n"
         f"  Patient phone (sim):    {sim_url}/phone\n"

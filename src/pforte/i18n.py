@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gettext
 import io
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from babel.messages.mofile import write_mo
@@ -19,7 +19,7 @@ LOCALES = ("de", "en")
 LOCALE_DIR = Path(__file__).parent / "locale"
 
 
-@lru_cache(maxsize=None)
+@cache
 def translations(lang: str) -> gettext.NullTranslations:
     """The compiled catalog of a language (English falls back to the msgids)."""
     po = LOCALE_DIR / lang / "LC_MESSAGES" / "messages.po"

@@ -8,10 +8,24 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-ALLOWED_EXTRA = frozenset({
-    "channel_id", "conversation_id", "message_id", "job_id", "kind", "error", "provider_code", "status",
-    "count", "duration_ms", "org_id", "path", "method", "attempt",
-})
+ALLOWED_EXTRA = frozenset(
+    {
+        "channel_id",
+        "conversation_id",
+        "message_id",
+        "job_id",
+        "kind",
+        "error",
+        "provider_code",
+        "status",
+        "count",
+        "duration_ms",
+        "org_id",
+        "path",
+        "method",
+        "attempt",
+    }
+)
 _STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
 
 
@@ -37,7 +51,9 @@ class JsonFormatter(logging.Formatter):
 def configure(level: str = "INFO", fmt: str = "json") -> None:
     """Set up root logging once; uvicorn's access log is silenced (it would log paths with ids)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter("%(levelname)s %(name)s %(message)s"))
+    handler.setFormatter(
+        JsonFormatter() if fmt == "json" else logging.Formatter("%(levelname)s %(name)s %(message)s")
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -13,10 +13,10 @@ import json
 import asyncpg
 import pytest
 from sqlalchemy import text
+from tests.conftest import PNID
 
 from pforte.conversations import service as conv
 from pforte.models import Base
-from tests.conftest import PNID
 
 SECRETS = {
     "body": "Mein Blutzucker war heute früh 342, ist das schlimm",
@@ -40,23 +40,42 @@ def _needles() -> dict[str, list[bytes]]:
 
 
 async def _fill(world) -> None:
-    patient = world.sim.add_user(name=SECRETS["name"], wa_id=SECRETS["phone"], user_id=SECRETS["bsuid"],
-                                 username=SECRETS["username"])
+    patient = world.sim.add_user(
+        name=SECRETS["name"], wa_id=SECRETS["phone"], user_id=SECRETS["bsuid"], username=SECRETS["username"]
+    )
     await world.sim.patient_send_text(user=patient, phone_number_id=PNID, text=SECRETS["body"])
-    await world.sim.patient_send_media(user=patient, phone_number_id=PNID, kind="image",
-                                       data=b"\x89PNG\r\n\x1a\n" + SECRETS["image"].encode() * 20,
-                                       mime_type="image/png", caption=SECRETS["caption"])
+    await world.sim.patient_send_media(
+        user=patient,
+        phone_number_id=PNID,
+        kind="image",
+        data=b"\x89PNG\r\n\x1a\n" + SECRETS["image"].encode() * 20,
+        mime_type="image/png",
+        caption=SECRETS["caption"],
+    )
     await world.settle()
     async with world.services.db.transaction() as s:
-        (row,) = await conv.list_(session=s, keys=world.services.keys, org_id=world.org_id,
-                                  now=world.services.clock.now())
-        await conv.send_text(session=s, keys=world.services.keys, org_id=world.org_id, conversation_id=row.id,
-                             user_id=world.staff_id, text=SECRETS["reply"], now=world.services.clock.now())
+        (row,) = await conv.list_(
+            session=s, keys=world.services.keys, org_id=world.org_id, now=world.services.clock.now()
+        )
+        await conv.send_text(
+            session=s,
+            keys=world.services.keys,
+            org_id=world.org_id,
+            conversation_id=row.id,
+            user_id=world.staff_id,
+            text=SECRETS["reply"],
+            now=world.services.clock.now(),
+        )
     await world.settle()
     # The data really is there and readable through pforte: the search below is meaningful.
     async with world.services.db.transaction() as s:
-        view = await conv.get(session=s, keys=world.services.keys, org_id=world.org_id, conversation_id=row.id,
-                              now=world.services.clock.now())
+        view = await conv.get(
+            session=s,
+            keys=world.services.keys,
+            org_id=world.org_id,
+            conversation_id=row.id,
+            now=world.services.clock.now(),
+        )
     texts = [m.text for m in view.messages]
     assert SECRETS["body"] in texts and SECRETS["caption"] in texts and SECRETS["reply"] in texts
     assert view.contact_name == SECRETS["name"] and view.contact_phone == SECRETS["phone"]

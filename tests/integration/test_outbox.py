@@ -7,29 +7,37 @@ from datetime import timedelta
 import httpx
 import pytest
 from sqlalchemy import select, update
+from tests.conftest import PNID
+from tests.helpers import all_rows
 
 from pforte.channels.models import Channel
 from pforte.conversations import service as conv
 from pforte.conversations.models import Conversation, Message
 from pforte.outbox.models import Job
-from tests.conftest import PNID
-from tests.helpers import all_rows
 
 
 async def _conversation(world) -> str:
     await world.sim.patient_send_text(user=world.patient, phone_number_id=PNID, text="Guten Tag")
     await world.settle()
     async with world.services.db.transaction() as s:
-        (row,) = await conv.list_(session=s, keys=world.services.keys, org_id=world.org_id,
-                                  now=world.services.clock.now())
+        (row,) = await conv.list_(
+            session=s, keys=world.services.keys, org_id=world.org_id, now=world.services.clock.now()
+        )
     return row.id
 
 
 async def _send(world, conversation_id: str, text: str = "Ihr Befund ist da.", **kw) -> str:
     async with world.services.db.transaction() as s:
-        msg = await conv.send_text(session=s, keys=world.services.keys, org_id=world.org_id,
-                                   conversation_id=conversation_id, user_id=world.staff_id, text=text,
-                                   now=world.services.clock.now(), **kw)
+        msg = await conv.send_text(
+            session=s,
+            keys=world.services.keys,
+            org_id=world.org_id,
+            conversation_id=conversation_id,
+            user_id=world.staff_id,
+            text=text,
+            now=world.services.clock.now(),
+            **kw,
+        )
     return msg.id
 
 
@@ -44,8 +52,11 @@ async def _jobs(world, kind: str = "send_message") -> list[Job]:
 
 async def _make_due(world) -> None:
     async with world.services.db.transaction() as s:
-        await s.execute(update(Job).where(Job.state == "queued")
-                        .values(run_after=world.services.clock.now() - timedelta(seconds=1)))
+        await s.execute(
+            update(Job)
+            .where(Job.state == "queued")
+            .values(run_after=world.services.clock.now() - timedelta(seconds=1))
+        )
     world.services.channels.invalidate()
 
 
@@ -78,9 +89,16 @@ async def test_reply_with_context_quotes_the_patients_message(world):
 async def test_template_is_sent_with_its_parameters(world):
     cid = await _conversation(world)
     async with world.services.db.transaction() as s:
-        msg = await conv.send_template(session=s, keys=world.services.keys, org_id=world.org_id,
-                                       conversation_id=cid, user_id=world.staff_id, template_id=world.template_id,
-                                       params=["Frau Mustermann"], now=world.services.clock.now())
+        msg = await conv.send_template(
+            session=s,
+            keys=world.services.keys,
+            org_id=world.org_id,
+            conversation_id=cid,
+            user_id=world.staff_id,
+            template_id=world.template_id,
+            params=["Frau Mustermann"],
+            now=world.services.clock.now(),
+        )
     await world.settle()
     (sent,) = world.sim.business_messages(PNID)
     assert sent.type == "template" and sent.template["name"] == "termin_erinnerung"
@@ -90,8 +108,9 @@ async def test_template_is_sent_with_its_parameters(world):
 async def test_free_text_outside_the_window_is_refused_before_queueing(world):
     cid = await _conversation(world)
     async with world.services.db.transaction() as s:
-        await s.execute(update(Conversation).values(
-            last_inbound_at=world.services.clock.now() - timedelta(hours=25)))
+        await s.execute(
+            update(Conversation).values(last_inbound_at=world.services.clock.now() - timedelta(hours=25))
+        )
     from pforte.errors import ConflictError
 
     with pytest.raises(ConflictError) as err:
@@ -100,13 +119,16 @@ async def test_free_text_outside_the_window_is_refused_before_queueing(world):
     assert await _jobs(world) == []
 
 
-@pytest.mark.parametrize(("code", "asynchronous", "reason"), [
-    (131047, False, "needs_template"),
-    (131047, True, "needs_template"),
-    (131026, False, "undeliverable"),
-    (131026, True, "undeliverable"),
-    (100, False, "invalid_request"),
-])
+@pytest.mark.parametrize(
+    ("code", "asynchronous", "reason"),
+    [
+        (131047, False, "needs_template"),
+        (131047, True, "needs_template"),
+        (131026, False, "undeliverable"),
+        (131026, True, "undeliverable"),
+        (100, False, "invalid_request"),
+    ],
+)
 async def test_permanent_errors_fail_the_message_with_a_reason(world, code, asynchronous, reason):
     cid = await _conversation(world)
     world.sim.fail_next_send(PNID, code, asynchronous=asynchronous)
@@ -147,8 +169,13 @@ async def test_expired_token_takes_the_channel_down_until_an_admin_fixes_it(worl
     m = await _message(world, mid)
     assert (m.status, m.error_reason) == ("queued", "channel_down")  # kept, not lost
     async with world.services.db.transaction() as s:
-        await channels.update_token(session=s, keys=world.services.keys, channel_id=world.channel_id,
-                                    access_token="sim-access-token-abc", now=world.services.clock.now())
+        await channels.update_token(
+            session=s,
+            keys=world.services.keys,
+            channel_id=world.channel_id,
+            access_token="sim-access-token-abc",
+            now=world.services.clock.now(),
+        )
     await _make_due(world)
     await world.settle()
     assert (await _message(world, mid)).status in ("sent", "delivered")
@@ -172,8 +199,9 @@ async def test_worker_crash_after_send_started_marks_for_review_and_never_resend
     assert world.sim.business_messages(PNID) == []
     # Staff decide to resend: exactly one message goes out.
     async with world.services.db.transaction() as s:
-        await conv.resolve_review(session=s, org_id=world.org_id, message_id=mid, resend=True,
-                                  now=world.services.clock.now())
+        await conv.resolve_review(
+            session=s, org_id=world.org_id, message_id=mid, resend=True, now=world.services.clock.now()
+        )
     await world.settle()
     assert len(world.sim.business_messages(PNID)) == 1
 
@@ -233,16 +261,27 @@ async def test_sends_are_paced_to_the_channel_rate_without_rate_limit_errors(wor
 
 async def test_inbound_media_is_downloaded_checked_and_stored_encrypted(world):
     data = b"\x89PNG\r\n\x1a\n" + b"befund-bild" * 100
-    await world.sim.patient_send_media(user=world.patient, phone_number_id=PNID, kind="image", data=data,
-                                       mime_type="image/png", caption="Foto")
+    await world.sim.patient_send_media(
+        user=world.patient,
+        phone_number_id=PNID,
+        kind="image",
+        data=data,
+        mime_type="image/png",
+        caption="Foto",
+    )
     await world.settle()
     from pforte.conversations.models import Attachment
 
     (att,) = await all_rows(world.services, Attachment)
     assert att.state == "stored" and att.size == len(data)
     async with world.services.db.transaction() as s:
-        got, mime, _ = await conv.read_attachment(session=s, keys=world.services.keys, blobs=world.services.blobs,
-                                                  org_id=world.org_id, attachment_id=att.id)
+        got, mime, _ = await conv.read_attachment(
+            session=s,
+            keys=world.services.keys,
+            blobs=world.services.blobs,
+            org_id=world.org_id,
+            attachment_id=att.id,
+        )
     assert got == data and mime == "image/png"
     blob = next(world.services.blobs.root.rglob(att.blob_name))
     assert b"befund-bild" not in blob.read_bytes()
@@ -264,8 +303,14 @@ class _FailMedia(httpx.AsyncBaseTransport):
 async def test_media_failure_keeps_the_message_and_retries_the_download(world):
     failing = _FailMedia(world.services.http._transport)
     world.services.http._transport = failing
-    await world.sim.patient_send_media(user=world.patient, phone_number_id=PNID, kind="image",
-                                       data=b"\xff\xd8\xff" + b"x" * 50, mime_type="image/jpeg", caption="Bild")
+    await world.sim.patient_send_media(
+        user=world.patient,
+        phone_number_id=PNID,
+        kind="image",
+        data=b"\xff\xd8\xff" + b"x" * 50,
+        mime_type="image/jpeg",
+        caption="Bild",
+    )
     await world.settle()
     from pforte.conversations.models import Attachment
 
@@ -283,8 +328,13 @@ async def test_media_failure_keeps_the_message_and_retries_the_download(world):
 
 
 async def test_media_with_wrong_hash_is_marked_failed_and_message_kept(world):
-    await world.sim.patient_send_media(user=world.patient, phone_number_id=PNID, kind="image",
-                                       data=b"\xff\xd8\xff" + b"y" * 50, mime_type="image/jpeg")
+    await world.sim.patient_send_media(
+        user=world.patient,
+        phone_number_id=PNID,
+        kind="image",
+        data=b"\xff\xd8\xff" + b"y" * 50,
+        mime_type="image/jpeg",
+    )
     for media in world.sim.media.values():
         media.data = media.data + b"tampered"
     await world.settle()

@@ -7,11 +7,11 @@ import json
 import pytest
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import create_async_engine
+from tests.conftest import APP_SECRET, PNID
+from tests.helpers import all_rows, count_items, fixture_bytes, fixture_names, metric, post_webhook
 
 from pforte.conversations.models import Attachment, Message
 from pforte.outbox.models import Job
-from tests.conftest import APP_SECRET, PNID
-from tests.helpers import all_rows, count_items, fixture_bytes, fixture_names, metric, post_webhook
 
 MESSAGE_FIXTURES = [n for n in fixture_names() if n.startswith("message_")]
 
@@ -24,8 +24,12 @@ async def test_every_recorded_payload_is_accepted_and_stored(world, name):
     n_msgs, _ = count_items(body)
     if "109876543210988" in body.decode():  # a second number in the batch we do not know: not stored
         doc = json.loads(body)
-        n_msgs = sum(len(c["value"].get("messages", [])) for e in doc["entry"] for c in e["changes"]
-                     if c["value"]["metadata"]["phone_number_id"] == PNID and c.get("field") == "messages")
+        n_msgs = sum(
+            len(c["value"].get("messages", []))
+            for e in doc["entry"]
+            for c in e["changes"]
+            if c["value"]["metadata"]["phone_number_id"] == PNID and c.get("field") == "messages"
+        )
     msgs = await all_rows(world.services, Message)
     assert len(msgs) == n_msgs
 
@@ -79,8 +83,11 @@ async def test_signature_is_checked_over_raw_bytes_not_reserialised_json(world):
     reserialised = json.dumps(json.loads(raw), ensure_ascii=False).encode()
     from tests.helpers import sign
 
-    r = await world.client.post(f"/webhooks/whatsapp/{world.channel_id}", content=raw,
-                                headers={"x-hub-signature-256": sign(reserialised, APP_SECRET)})
+    r = await world.client.post(
+        f"/webhooks/whatsapp/{world.channel_id}",
+        content=raw,
+        headers={"x-hub-signature-256": sign(reserialised, APP_SECRET)},
+    )
     assert r.status_code == 403
     assert (await post_webhook(world.client, world.channel_id, raw, APP_SECRET)).status_code == 200
 
@@ -110,8 +117,10 @@ async def test_unknown_channel_is_404(world):
     [("subscribe", "verify-me", 200), ("subscribe", "wrong", 403), ("unsubscribe", "verify-me", 403)],
 )
 async def test_subscription_handshake(world, mode, token, status):
-    r = await world.client.get(f"/webhooks/whatsapp/{world.channel_id}",
-                               params={"hub.mode": mode, "hub.verify_token": token, "hub.challenge": "1158201444"})
+    r = await world.client.get(
+        f"/webhooks/whatsapp/{world.channel_id}",
+        params={"hub.mode": mode, "hub.verify_token": token, "hub.challenge": "1158201444"},
+    )
     assert r.status_code == status
     if status == 200:
         assert r.text == "1158201444"
@@ -125,8 +134,11 @@ async def test_database_unavailable_gives_503_then_recovers_by_itself(world, db_
     body = fixture_bytes("message_text.json", PNID)
     db = world.services.db
     good = db.engine
-    dead_url = ("postgresql+asyncpg://postgres@127.0.0.1:1/none" if db_kind == "postgresql"
-                else f"sqlite+aiosqlite:///{tmp_path}/missing-dir/x.sqlite3")
+    dead_url = (
+        "postgresql+asyncpg://postgres@127.0.0.1:1/none"
+        if db_kind == "postgresql"
+        else f"sqlite+aiosqlite:///{tmp_path}/missing-dir/x.sqlite3"
+    )
     db.engine = create_async_engine(dead_url)
     try:
         r = await post_webhook(world.client, world.channel_id, body, APP_SECRET)
@@ -145,10 +157,18 @@ async def test_batch_of_many_entries_changes_and_items_is_fully_processed(world)
 
     async with world.services.db.transaction() as s:
         org = await s.get(Organisation, world.org_id)
-        await channels.add_whatsapp(session=s, keys=world.services.keys, org=org, name="Station 4",
-                                    phone_number_id="109876543210988", display_phone_number="+49 30 7654321",
-                                    access_token="t2", app_secret=APP_SECRET, graph_base_url="https://graph.test",
-                                    now=world.services.clock.now())
+        await channels.add_whatsapp(
+            session=s,
+            keys=world.services.keys,
+            org=org,
+            name="Station 4",
+            phone_number_id="109876543210988",
+            display_phone_number="+49 30 7654321",
+            access_token="t2",
+            app_secret=APP_SECRET,
+            graph_base_url="https://graph.test",
+            now=world.services.clock.now(),
+        )
     body = fixture_bytes("batch_2entries_2changes_mixed.json", PNID)
     n_msgs, n_stats = count_items(body)
     assert n_msgs >= 4 and n_stats >= 2
@@ -173,20 +193,66 @@ async def test_status_for_unknown_send_is_parked_and_applied_when_the_send_is_re
     from pforte.conversations import service as conv
 
     async with world.services.db.transaction() as s:
-        (row,) = await conv.list_(session=s, keys=world.services.keys, org_id=world.org_id,
-                                  now=world.services.clock.now())
-        msg = await conv.send_text(session=s, keys=world.services.keys, org_id=world.org_id,
-                                   conversation_id=row.id, user_id=world.staff_id, text="Antwort",
-                                   now=world.services.clock.now())
-        await s.execute(update(Message).where(Message.id == msg.id).values(external_id=pending.external_id,
-                                                                           status="accepted"))
+        (row,) = await conv.list_(
+            session=s, keys=world.services.keys, org_id=world.org_id, now=world.services.clock.now()
+        )
+        msg = await conv.send_text(
+            session=s,
+            keys=world.services.keys,
+            org_id=world.org_id,
+            conversation_id=row.id,
+            user_id=world.staff_id,
+            text="Antwort",
+            now=world.services.clock.now(),
+        )
+        await s.execute(
+            update(Message)
+            .where(Message.id == msg.id)
+            .values(external_id=pending.external_id, status="accepted")
+        )
         await s.execute(update(Job).values(state="done"))
     async with world.services.db.engine.begin() as conn:
-        changes = await ingest.apply_pending_statuses(conn, channel_id=world.channel_id, message_id=msg.id,
-                                                      external_id=pending.external_id,
-                                                      state=MessageState(status="accepted"))
+        changes = await ingest.apply_pending_statuses(
+            conn,
+            channel_id=world.channel_id,
+            message_id=msg.id,
+            external_id=pending.external_id,
+            state=MessageState(status="accepted"),
+        )
     assert changes["status"] == "read"
     async with world.services.db.transaction() as s:
         stored = (await s.execute(select(Message).where(Message.id == msg.id))).scalar_one()
     assert stored.status == "read" and stored.read_at is not None
     assert await all_rows(world.services, PendingStatus) == []
+
+
+async def test_concurrent_status_writers_cannot_downgrade(world):
+    """A delta computed from a stale read (another transaction moved the message on) is guarded in SQL."""
+    from datetime import timedelta
+
+    from pforte.conversations import ingest
+
+    await world.sim.patient_send_text(user=world.patient, phone_number_id=PNID, text="Hallo")
+    await world.settle()
+    from pforte.conversations import service as conv
+
+    now = world.services.clock.now()
+    async with world.services.db.transaction() as s:
+        (row,) = await conv.list_(session=s, keys=world.services.keys, org_id=world.org_id, now=now)
+        msg = await conv.send_text(session=s, keys=world.services.keys, org_id=world.org_id, conversation_id=row.id,
+                                   user_id=world.staff_id, text="Antwort", now=now)
+        await s.execute(update(Message).where(Message.id == msg.id).values(status="delivered", delivered_at=now))
+        await s.execute(update(Job).values(state="done"))
+    t_sent = now - timedelta(seconds=5)
+    async with world.services.db.engine.begin() as conn:
+        # What a writer that still believed the message "accepted" would have computed:
+        await ingest.apply_changes(conn, {msg.id: {"status": "sent", "sent_at": t_sent}})
+        await ingest.apply_changes(conn, {msg.id: {"status": "failed", "failed_at": now, "error_code": 131026,
+                                                   "error_reason": "undeliverable"}})
+        await ingest.apply_changes(conn, {msg.id: {"delivered_at": now + timedelta(seconds=9)}})
+    async with world.services.db.transaction() as s:
+        m = (await s.execute(select(Message).where(Message.id == msg.id))).scalar_one()
+    assert m.status == "delivered"
+    assert m.sent_at == t_sent  # an empty timestamp is filled ...
+    assert m.delivered_at == now  # ... a set one is never replaced
+    assert m.error_code is None and m.failed_at is None  # a failure after delivery changes nothing

@@ -28,7 +28,9 @@ def test_seal_open_round_trip_and_fresh_nonces():
     assert b"Befund" not in a
 
 
-@pytest.mark.parametrize("where", [("messages", "body", "m2"), ("messages", "details", "m1"), ("contacts", "body", "m1")])
+@pytest.mark.parametrize(
+    "where", [("messages", "body", "m2"), ("messages", "details", "m1"), ("contacts", "body", "m1")]
+)
 def test_ciphertext_moved_to_another_row_column_or_table_fails(where):
     c = FieldCipher(KEY)
     sealed = c.seal_text("Befund", "messages", "body", "m1")

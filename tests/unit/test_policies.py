@@ -24,7 +24,10 @@ T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 
 def _apply(state: MessageState, status: str, minute: int, code: int | None = None) -> MessageState:
     delta = merge(state, status, T0 + timedelta(minutes=minute), code)
-    fields = {k: delta.get(k, getattr(state, k)) for k in ("status", "sent_at", "delivered_at", "read_at", "failed_at")}
+    fields = {
+        k: delta.get(k, getattr(state, k))
+        for k in ("status", "sent_at", "delivered_at", "read_at", "failed_at")
+    }
     return MessageState(**fields)
 
 
@@ -34,8 +37,11 @@ def test_statuses_never_downgrade_whatever_the_order():
     s = _apply(s, "delivered", 2)
     s = _apply(s, "sent", 1)
     assert s.status == "read"
-    assert (s.sent_at, s.delivered_at, s.read_at) == (T0 + timedelta(minutes=1), T0 + timedelta(minutes=2),
-                                                      T0 + timedelta(minutes=3))
+    assert (s.sent_at, s.delivered_at, s.read_at) == (
+        T0 + timedelta(minutes=1),
+        T0 + timedelta(minutes=2),
+        T0 + timedelta(minutes=3),
+    )
 
 
 def test_read_without_delivered_is_read():
@@ -107,10 +113,17 @@ def test_postgres_url_is_normalised_to_asyncpg():
     assert s.effective_database_url == "postgresql+asyncpg://u@h/db"
 
 
-@pytest.mark.parametrize(("header", "want"), [
-    ("de-DE,de;q=0.9,en;q=0.8", "de"), ("en-US,en;q=0.9", "en"), ("fr-FR", "de"), (None, "de"),
-    ("en;q=0.4,de;q=0.9", "de"), ("fr,en;q=0.5", "en"),
-])
+@pytest.mark.parametrize(
+    ("header", "want"),
+    [
+        ("de-DE,de;q=0.9,en;q=0.8", "de"),
+        ("en-US,en;q=0.9", "en"),
+        ("fr-FR", "de"),
+        (None, "de"),
+        ("en;q=0.4,de;q=0.9", "de"),
+        ("fr,en;q=0.5", "en"),
+    ],
+)
 def test_language_negotiation_defaults_to_german(header, want):
     assert negotiate(header) == want
 

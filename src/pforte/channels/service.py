@@ -72,10 +72,21 @@ async def add_whatsapp(
         raise ConflictError("this phone number id is already registered")
     cipher = await keys.cipher(session, org.org_key_id)
     ch = Channel(
-        org_id=org.id, kind="whatsapp", name=name, phone_number_id=phone_number_id,
-        display_phone_number=display_phone_number, waba_id=waba_id, graph_base_url=graph_base_url.rstrip("/"),
-        graph_version=graph_version, rate_limit_per_s=rate_limit_per_s, storage_region=storage_region,
-        state="UP", created_at=now, access_token_enc=b"", app_secret_enc=b"", verify_token_enc=b"",
+        org_id=org.id,
+        kind="whatsapp",
+        name=name,
+        phone_number_id=phone_number_id,
+        display_phone_number=display_phone_number,
+        waba_id=waba_id,
+        graph_base_url=graph_base_url.rstrip("/"),
+        graph_version=graph_version,
+        rate_limit_per_s=rate_limit_per_s,
+        storage_region=storage_region,
+        state="UP",
+        created_at=now,
+        access_token_enc=b"",
+        app_secret_enc=b"",
+        verify_token_enc=b"",
     )
     session.add(ch)
     await session.flush()
@@ -99,7 +110,8 @@ async def runtime(*, session: AsyncSession, keys: KeyService, channel_id: str) -
     """Load a channel and decrypt its secrets."""
     row = (
         await session.execute(
-            select(Channel, Organisation.org_key_id).join(Organisation, Organisation.id == Channel.org_id)
+            select(Channel, Organisation.org_key_id)
+            .join(Organisation, Organisation.id == Channel.org_id)
             .where(Channel.id == channel_id)
         )
     ).first()
@@ -108,20 +120,30 @@ async def runtime(*, session: AsyncSession, keys: KeyService, channel_id: str) -
     ch, org_key_id = row
     c = await keys.cipher(session, org_key_id)
     return ChannelRuntime(
-        id=ch.id, org_id=ch.org_id, kind=ch.kind, name=ch.name, phone_number_id=ch.phone_number_id,
-        display_phone_number=ch.display_phone_number, graph_base_url=ch.graph_base_url,
+        id=ch.id,
+        org_id=ch.org_id,
+        kind=ch.kind,
+        name=ch.name,
+        phone_number_id=ch.phone_number_id,
+        display_phone_number=ch.display_phone_number,
+        graph_base_url=ch.graph_base_url,
         graph_version=ch.graph_version,
         access_token=c.open_text(ch.access_token_enc, "channels", "access_token", ch.id) or "",
         app_secret=(c.open_text(ch.app_secret_enc, "channels", "app_secret", ch.id) or "").encode(),
         verify_token=c.open_text(ch.verify_token_enc, "channels", "verify_token", ch.id) or "",
-        rate_limit_per_s=ch.rate_limit_per_s, state=ch.state, state_reason=ch.state_reason,
+        rate_limit_per_s=ch.rate_limit_per_s,
+        state=ch.state,
+        state_reason=ch.state_reason,
     )
 
 
-async def set_state(*, session: AsyncSession, channel_id: str, state: str, reason: str | None, now: datetime) -> None:
+async def set_state(
+    *, session: AsyncSession, channel_id: str, state: str, reason: str | None, now: datetime
+) -> None:
     """Mark a channel UP or DOWN (DOWN is shown to admins with its reason)."""
     await session.execute(
-        update(Channel).where(Channel.id == channel_id)
+        update(Channel)
+        .where(Channel.id == channel_id)
         .values(state=state, state_reason=reason, state_changed_at=now)
     )
 
@@ -162,9 +184,13 @@ class ChannelCache:
     async def get_by_ref(self, session_factory: object, phone_number_id: str) -> ChannelRuntime:
         """A WhatsApp channel by its phone number id."""
         async with session_factory() as session:  # type: ignore[operator]
-            found = (await session.execute(
-                select(Channel.id).where(Channel.kind == "whatsapp", Channel.phone_number_id == phone_number_id)
-            )).scalar_one_or_none()
+            found = (
+                await session.execute(
+                    select(Channel.id).where(
+                        Channel.kind == "whatsapp", Channel.phone_number_id == phone_number_id
+                    )
+                )
+            ).scalar_one_or_none()
         if found is None:
             raise NotFoundError("channel not found")
         return await self.get(session_factory, found)

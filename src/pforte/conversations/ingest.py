@@ -21,11 +21,12 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, insert, or_, select, tuple_, update
+from sqlalchemy import and_, bindparam, case, func, insert, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pforte.channels.base import MEDIA_TYPES, InboundBatch, InboundMessage, StatusUpdate
@@ -140,7 +141,8 @@ class Ingestor:
         rows = (
             await conn.execute(
                 select(C.c.id, C.c.dek_id, C.c.bsuid_index, C.c.phone_index)
-                .where(C.c.org_id == org_id, or_(*conds)).order_by(C.c.created_at)
+                .where(C.c.org_id == org_id, or_(*conds))
+                .order_by(C.c.created_at)
             )
         ).all()
         by_bsuid = {r.bsuid_index: r for r in rows if r.bsuid_index}
@@ -159,7 +161,9 @@ class Ingestor:
                 if cand.bsuid_index is None or bi is None:
                     r = cand
                     if bi and cand.bsuid_index is None:
-                        adopt.append({"b_id": cand.id, "b_index": bi, "b_dek": cand.dek_id, "b_user": s.user_id})
+                        adopt.append(
+                            {"b_id": cand.id, "b_index": bi, "b_dek": cand.dek_id, "b_user": s.user_id}
+                        )
             if r is not None:
                 found[k] = (r.id, r.dek_id)
                 continue
@@ -167,22 +171,30 @@ class Ingestor:
             cipher = FieldCipher(key)
             cid = new_id()
             new_keys.append(key_row)
-            new_contacts.append({
-                "id": cid, "org_id": org_id, "dek_id": key_row["id"], "bsuid_index": bi, "phone_index": pi,
-                "bsuid_enc": cipher.seal_text(s.user_id, "contacts", "bsuid", cid),
-                "phone_enc": cipher.seal_text(s.wa_id, "contacts", "phone", cid),
-                "name_enc": None,
-                "profile_name_enc": cipher.seal_text(s.profile_name, "contacts", "profile_name", cid),
-                "username_enc": cipher.seal_text(s.username, "contacts", "username", cid),
-                "created_at": now, "updated_at": now,
-            })
+            new_contacts.append(
+                {
+                    "id": cid,
+                    "org_id": org_id,
+                    "dek_id": key_row["id"],
+                    "bsuid_index": bi,
+                    "phone_index": pi,
+                    "bsuid_enc": cipher.seal_text(s.user_id, "contacts", "bsuid", cid),
+                    "phone_enc": cipher.seal_text(s.wa_id, "contacts", "phone", cid),
+                    "name_enc": None,
+                    "profile_name_enc": cipher.seal_text(s.profile_name, "contacts", "profile_name", cid),
+                    "username_enc": cipher.seal_text(s.username, "contacts", "username", cid),
+                    "created_at": now,
+                    "updated_at": now,
+                }
+            )
             found[k] = (cid, key_row["id"])
         if adopt:
             ciphers = await self.keys.ciphers(conn, {a["b_dek"] for a in adopt})
             for a in adopt:
                 a["b_enc"] = ciphers[a["b_dek"]].seal_text(a["b_user"], "contacts", "bsuid", a["b_id"])
             await conn.execute(
-                update(C).where(C.c.id == bindparam("b_id"))
+                update(C)
+                .where(C.c.id == bindparam("b_id"))
                 .values(bsuid_index=bindparam("b_index"), bsuid_enc=bindparam("b_enc")),
                 [{k: v for k, v in a.items() if k in ("b_id", "b_index", "b_enc")} for a in adopt],
             )
@@ -193,8 +205,9 @@ class Ingestor:
             lost = [c for c in new_contacts if c["id"] not in inserted]
             if lost:  # another process created the same BSUID contact meanwhile: use theirs
                 rows = await conn.execute(
-                    select(C.c.id, C.c.dek_id, C.c.bsuid_index)
-                    .where(C.c.org_id == org_id, C.c.bsuid_index.in_([c["bsuid_index"] for c in lost]))
+                    select(C.c.id, C.c.dek_id, C.c.bsuid_index).where(
+                        C.c.org_id == org_id, C.c.bsuid_index.in_([c["bsuid_index"] for c in lost])
+                    )
                 )
                 theirs = {r.bsuid_index: (r.id, r.dek_id) for r in rows}
                 for k, bi in bsuid_ix.items():
@@ -212,10 +225,24 @@ class Ingestor:
         found = {(r.channel_id, r.contact_id): r.id for r in await conn.execute(q)}
         missing = [p for p in pairs if p not in found]
         if missing:
-            rows = [{"id": new_id(), "org_id": org_id, "channel_id": ch, "contact_id": ct, "status": "open",
-                     "unread_count": 0, "last_activity_at": now, "last_inbound_at": None,
-                     "last_message_id": None, "created_at": now} for ch, ct in missing]
-            ins = upsert_insert(dialect, CONV).on_conflict_do_nothing(index_elements=["channel_id", "contact_id"])
+            rows = [
+                {
+                    "id": new_id(),
+                    "org_id": org_id,
+                    "channel_id": ch,
+                    "contact_id": ct,
+                    "status": "open",
+                    "unread_count": 0,
+                    "last_activity_at": now,
+                    "last_inbound_at": None,
+                    "last_message_id": None,
+                    "created_at": now,
+                }
+                for ch, ct in missing
+            ]
+            ins = upsert_insert(dialect, CONV).on_conflict_do_nothing(
+                index_elements=["channel_id", "contact_id"]
+            )
             await conn.execute(ins, rows)
             found.update({(r.channel_id, r.contact_id): r.id for r in await conn.execute(q)})
         return found
@@ -271,18 +298,38 @@ class Ingestor:
                 details["frequently_forwarded"] = True
             if m.errors:
                 details["errors"] = [{"code": e.code, "title": e.title} for e in m.errors]
-            rows.append({
-                "id": mid, "org_id": org_id, "conversation_id": convs[(it.channel.id, contact_id)],
-                "channel_id": it.channel.id, "contact_id": contact_id, "direction": "in", "type": m.type,
-                "external_id": m.external_id, "status": "received",
-                "body_enc": cipher.seal_text(m.text, "messages", "body", mid),
-                "details_enc": cipher.seal_text(json.dumps(details), "messages", "details", mid) if details else None,
-                "raw_enc": cipher.seal_text(json.dumps(m.raw), "messages", "raw", mid) if m.raw else None,
-                "context_external_id": m.context_id, "forwarded": m.forwarded or m.frequently_forwarded,
-                "sender_user_id": None, "template_name": None, "error_code": m.errors[0].code if m.errors else None,
-                "error_reason": None, "error_title": None, "review_reason": None, "provider_ts": m.timestamp,
-                "created_at": now, "sent_at": None, "delivered_at": None, "read_at": None, "failed_at": None,
-            })
+            rows.append(
+                {
+                    "id": mid,
+                    "org_id": org_id,
+                    "conversation_id": convs[(it.channel.id, contact_id)],
+                    "channel_id": it.channel.id,
+                    "contact_id": contact_id,
+                    "direction": "in",
+                    "type": m.type,
+                    "external_id": m.external_id,
+                    "status": "received",
+                    "body_enc": cipher.seal_text(m.text, "messages", "body", mid),
+                    "details_enc": cipher.seal_text(json.dumps(details), "messages", "details", mid)
+                    if details
+                    else None,
+                    "raw_enc": cipher.seal_text(json.dumps(m.raw), "messages", "raw", mid) if m.raw else None,
+                    "context_external_id": m.context_id,
+                    "forwarded": m.forwarded or m.frequently_forwarded,
+                    "sender_user_id": None,
+                    "template_name": None,
+                    "error_code": m.errors[0].code if m.errors else None,
+                    "error_reason": None,
+                    "error_title": None,
+                    "review_reason": None,
+                    "provider_ts": m.timestamp,
+                    "created_at": now,
+                    "sent_at": None,
+                    "delivered_at": None,
+                    "read_at": None,
+                    "failed_at": None,
+                }
+            )
             owners[mid] = (it, m, cipher, contact_id)
         ins = upsert_insert(dialect, M).on_conflict_do_nothing(index_elements=["channel_id", "external_id"])
         inserted = {r.id for r in await conn.execute(ins.returning(M.c.id), rows)}
@@ -294,41 +341,76 @@ class Ingestor:
                 it.result.duplicates += 1  # a concurrent writer stored it first
                 continue
             it.result.accepted += 1
-            cu = conv_updates.setdefault(row["conversation_id"], {"n": 0, "ts": m.timestamp, "last": row["id"]})
+            cu = conv_updates.setdefault(
+                row["conversation_id"], {"n": 0, "ts": m.timestamp, "last": row["id"]}
+            )
             cu["n"] += 1
             if m.timestamp >= cu["ts"]:
                 cu["ts"], cu["last"] = m.timestamp, row["id"]
             events.add((org_id, row["conversation_id"]))
             if m.media and m.type in MEDIA_TYPES:
                 aid = new_id()
-                attachments.append({
-                    "id": aid, "org_id": org_id, "message_id": row["id"], "contact_id": contact_id, "kind": m.type,
-                    "media_id": m.media.media_id, "mime_type": m.media.mime_type,
-                    "expected_sha256": m.media.sha256,
-                    "filename_enc": cipher.seal_text(m.media.filename, "attachments", "filename", aid),
-                    "size": None, "state": "pending", "error_reason": None, "attempts": 0, "blob_name": None,
-                    "created_at": now,
-                })
-                jobs.append({"id": new_id(), "org_id": org_id, "kind": "download_media", "channel_id": it.channel.id,
-                             "payload": {"attachment_id": aid}, "state": "queued", "attempts": 0, "run_after": now,
-                             "locked_by": None, "locked_until": None, "started_at": None, "last_error": None,
-                             "created_at": now, "updated_at": now})
+                attachments.append(
+                    {
+                        "id": aid,
+                        "org_id": org_id,
+                        "message_id": row["id"],
+                        "contact_id": contact_id,
+                        "kind": m.type,
+                        "media_id": m.media.media_id,
+                        "mime_type": m.media.mime_type,
+                        "expected_sha256": m.media.sha256,
+                        "filename_enc": cipher.seal_text(m.media.filename, "attachments", "filename", aid),
+                        "size": None,
+                        "state": "pending",
+                        "error_reason": None,
+                        "attempts": 0,
+                        "blob_name": None,
+                        "created_at": now,
+                    }
+                )
+                jobs.append(
+                    {
+                        "id": new_id(),
+                        "org_id": org_id,
+                        "kind": "download_media",
+                        "channel_id": it.channel.id,
+                        "payload": {"attachment_id": aid},
+                        "state": "queued",
+                        "attempts": 0,
+                        "run_after": now,
+                        "locked_by": None,
+                        "locked_until": None,
+                        "started_at": None,
+                        "last_error": None,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                )
         if attachments:
             await conn.execute(insert(A), attachments)
             await conn.execute(insert(J), jobs)
         if conv_updates:
-            params = [{"c_id": cid, "c_n": v["n"], "c_ts": v["ts"], "c_last": v["last"]}
-                      for cid, v in sorted(conv_updates.items())]
+            params = [
+                {"c_id": cid, "c_n": v["n"], "c_ts": v["ts"], "c_last": v["last"]}
+                for cid, v in sorted(conv_updates.items())
+            ]
             await conn.execute(
-                update(CONV).where(CONV.c.id == bindparam("c_id")).values(
-                    unread_count=CONV.c.unread_count + bindparam("c_n"), last_activity_at=now,
+                update(CONV)
+                .where(CONV.c.id == bindparam("c_id"))
+                .values(
+                    unread_count=CONV.c.unread_count + bindparam("c_n"),
+                    last_activity_at=now,
                     last_message_id=bindparam("c_last"),
                 ),
                 params,
             )
             await conn.execute(
-                update(CONV).where(CONV.c.id == bindparam("c_id"),
-                                   or_(CONV.c.last_inbound_at.is_(None), CONV.c.last_inbound_at < bindparam("c_ts")))
+                update(CONV)
+                .where(
+                    CONV.c.id == bindparam("c_id"),
+                    or_(CONV.c.last_inbound_at.is_(None), CONV.c.last_inbound_at < bindparam("c_ts")),
+                )
                 .values(last_inbound_at=bindparam("c_ts")),
                 [{"c_id": p["c_id"], "c_ts": p["c_ts"]} for p in params],
             )
@@ -347,9 +429,17 @@ class Ingestor:
         current: dict[tuple[str, str], dict[str, Any]] = {}
         for ch_id, ext_ids in wanted.items():
             rows = await conn.execute(
-                select(M.c.id, M.c.org_id, M.c.conversation_id, M.c.external_id, M.c.status, M.c.sent_at,
-                       M.c.delivered_at, M.c.read_at, M.c.failed_at)
-                .where(M.c.channel_id == ch_id, M.c.external_id.in_(list(ext_ids)), M.c.direction == "out")
+                select(
+                    M.c.id,
+                    M.c.org_id,
+                    M.c.conversation_id,
+                    M.c.external_id,
+                    M.c.status,
+                    M.c.sent_at,
+                    M.c.delivered_at,
+                    M.c.read_at,
+                    M.c.failed_at,
+                ).where(M.c.channel_id == ch_id, M.c.external_id.in_(list(ext_ids)), M.c.direction == "out")
             )
             for r in rows:
                 current[(ch_id, r.external_id)] = dict(r._mapping)
@@ -359,15 +449,27 @@ class Ingestor:
             cur = current.get((it.channel.id, s.external_id))
             err = s.errors[0] if s.errors else None
             if cur is None:
-                pending.append({"id": new_id(), "channel_id": it.channel.id, "external_id": s.external_id,
-                                "status": s.status[:16], "provider_ts": s.timestamp,
-                                "error_code": err.code if err else None,
-                                "error_title": err.title[:300] if err else None, "received_at": now, "details": None})
+                pending.append(
+                    {
+                        "id": new_id(),
+                        "channel_id": it.channel.id,
+                        "external_id": s.external_id,
+                        "status": s.status[:16],
+                        "provider_ts": s.timestamp,
+                        "error_code": err.code if err else None,
+                        "error_title": err.title[:300] if err else None,
+                        "received_at": now,
+                        "details": None,
+                    }
+                )
                 it.result.statuses_pending += 1
                 continue
             state = status_policy.MessageState(
-                status=cur["status"], sent_at=cur["sent_at"], delivered_at=cur["delivered_at"],
-                read_at=cur["read_at"], failed_at=cur["failed_at"],
+                status=cur["status"],
+                sent_at=cur["sent_at"],
+                delivered_at=cur["delivered_at"],
+                read_at=cur["read_at"],
+                failed_at=cur["failed_at"],
             )
             delta = status_policy.merge(state, s.status, s.timestamp, err.code if err else None)
             it.result.statuses_applied += 1
@@ -386,29 +488,69 @@ class Ingestor:
         await apply_changes(conn, changed)
 
 
-_STATUS_COLS = ("status", "sent_at", "delivered_at", "read_at", "failed_at", "error_code", "error_reason",
-                "error_title")
+_STATUS_COLS = (
+    "status",
+    "sent_at",
+    "delivered_at",
+    "read_at",
+    "failed_at",
+    "error_code",
+    "error_reason",
+    "error_title",
+)
+_TIMESTAMPS = ("sent_at", "delivered_at", "read_at", "failed_at")
+_FAILABLE = ("queued", "sending", "accepted", "sent")  # states "failed" may still end
+_RANK = case(status_policy.STATUS_RANK, value=M.c.status, else_=-1)
+
+
+def _guarded(col: str, failing: bool) -> Any:
+    """The SET expression of one column, guarded against the row's CURRENT state.
+
+    Two transactions may merge statuses of the same message concurrently, each from what it read.
+    The guard makes the UPDATE itself monotonic: timestamps are only filled, never replaced; the
+    status only rises in rank; "failed" only ends a message that was not delivered yet. (In an
+    UPDATE every right-hand side sees the row as it was, on SQLite and PostgreSQL alike.)
+    """
+    value = bindparam(f"v_{col}")
+    if failing:
+        return case((M.c.status.in_(_FAILABLE), value), else_=M.c[col])
+    if col in _TIMESTAMPS:
+        return func.coalesce(M.c[col], value)
+    if col == "status":
+        return case((and_(M.c.status != "failed", _RANK < bindparam("v_rank")), value), else_=M.c.status)
+    return value
 
 
 async def apply_changes(conn: AsyncConnection, changed: dict[str, dict[str, Any]]) -> None:
-    """Write merged delivery-state changes, grouped by the set of columns they touch."""
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = defaultdict(list)
+    """Write merged delivery-state changes with SQL guards, grouped by the columns they touch."""
+    groups: dict[tuple[tuple[str, ...], bool], list[dict[str, Any]]] = defaultdict(list)
     for mid, delta in sorted(changed.items()):
+        failing = delta.get("status") == "failed"
         cols = tuple(c for c in _STATUS_COLS if c in delta)
-        groups[cols].append({"m_id": mid, **{f"v_{c}": delta[c] for c in cols}})
-    for cols, params in groups.items():
+        params = {"m_id": mid, **{f"v_{c}": delta[c] for c in cols}}
+        if "status" in delta and not failing:
+            params["v_rank"] = status_policy.STATUS_RANK[delta["status"]]
+        groups[(cols, failing)].append(params)
+    for (cols, failing), params in groups.items():
         await conn.execute(
-            update(M).where(M.c.id == bindparam("m_id")).values({c: bindparam(f"v_{c}") for c in cols}), params
+            update(M).where(M.c.id == bindparam("m_id")).values({c: _guarded(c, failing) for c in cols}),
+            params,
         )
 
 
 async def apply_pending_statuses(
-    conn: AsyncConnection, *, channel_id: str, message_id: str, external_id: str, state: status_policy.MessageState
+    conn: AsyncConnection,
+    *,
+    channel_id: str,
+    message_id: str,
+    external_id: str,
+    state: status_policy.MessageState,
 ) -> dict[str, Any]:
     """Apply statuses that arrived before the send's wamid was recorded; returns the final changes."""
     rows = (
         await conn.execute(
-            select(PS).where(and_(PS.c.channel_id == channel_id, PS.c.external_id == external_id))
+            select(PS)
+            .where(and_(PS.c.channel_id == channel_id, PS.c.external_id == external_id))
             .order_by(PS.c.provider_ts)
         )
     ).all()
@@ -419,10 +561,12 @@ async def apply_pending_statuses(
             if "error_code" in delta:
                 delta["error_title"] = r.error_title
             total.update(delta)
-            state = status_policy.MessageState(**{
-                k: total.get(k, getattr(state, k))
-                for k in ("status", "sent_at", "delivered_at", "read_at", "failed_at")
-            })
+            state = status_policy.MessageState(
+                **{
+                    k: total.get(k, getattr(state, k))
+                    for k in ("status", "sent_at", "delivered_at", "read_at", "failed_at")
+                }
+            )
     if rows:
         await conn.execute(PS.delete().where(PS.c.channel_id == channel_id, PS.c.external_id == external_id))
     if total:
@@ -438,17 +582,34 @@ async def reconcile_pending_statuses(conn: AsyncConnection, *, limit: int = 500)
     """
     rows = (
         await conn.execute(
-            select(PS.c.channel_id, PS.c.external_id, M.c.id, M.c.status, M.c.sent_at, M.c.delivered_at,
-                   M.c.read_at, M.c.failed_at)
+            select(
+                PS.c.channel_id,
+                PS.c.external_id,
+                M.c.id,
+                M.c.status,
+                M.c.sent_at,
+                M.c.delivered_at,
+                M.c.read_at,
+                M.c.failed_at,
+            )
             .join(M, and_(M.c.channel_id == PS.c.channel_id, M.c.external_id == PS.c.external_id))
-            .distinct().limit(limit)
+            .distinct()
+            .limit(limit)
         )
     ).all()
     for r in rows:
         await apply_pending_statuses(
-            conn, channel_id=r.channel_id, message_id=r.id, external_id=r.external_id,
-            state=status_policy.MessageState(status=r.status, sent_at=r.sent_at, delivered_at=r.delivered_at,
-                                             read_at=r.read_at, failed_at=r.failed_at),
+            conn,
+            channel_id=r.channel_id,
+            message_id=r.id,
+            external_id=r.external_id,
+            state=status_policy.MessageState(
+                status=r.status,
+                sent_at=r.sent_at,
+                delivered_at=r.delivered_at,
+                read_at=r.read_at,
+                failed_at=r.failed_at,
+            ),
         )
     return len(rows)
 
@@ -457,7 +618,13 @@ class IngestWriter:
     """Group commit: one writer task, one transaction per few-millisecond window."""
 
     def __init__(
-        self, *, db: Database, ingestor: Ingestor, bus: EventBus, metrics: Metrics, window_ms: float,
+        self,
+        *,
+        db: Database,
+        ingestor: Ingestor,
+        bus: EventBus,
+        metrics: Metrics,
+        window_ms: float,
         max_updates: int,
     ) -> None:
         self.db = db
@@ -468,6 +635,7 @@ class IngestWriter:
         self.max_updates = max_updates
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self.on_parked: Callable[[], None] | None = None  # called after statuses were parked
 
     async def start(self) -> None:
         """Start the writer task."""
@@ -503,8 +671,10 @@ class IngestWriter:
             while size < self.max_updates:
                 timeout = deadline - time.monotonic()
                 try:
-                    item = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(
-                        self._queue.get(), timeout
+                    item = (
+                        self._queue.get_nowait()
+                        if timeout <= 0
+                        else await asyncio.wait_for(self._queue.get(), timeout)
                     )
                 except (TimeoutError, asyncio.QueueEmpty):
                     break
@@ -543,3 +713,5 @@ class IngestWriter:
                 item.future.set_result(r)
         for ev in events:
             self.bus.publish(ev)
+        if self.on_parked and any(i.result.statuses_pending for i in group):
+            self.on_parked()

@@ -75,8 +75,15 @@ class JobDeps:
 
     def adapter(self, rt: ChannelRuntime) -> WhatsAppAdapter:
         """A WhatsApp adapter for a channel's current credentials."""
-        return WhatsAppAdapter(GraphClient(http=self.http, base_url=rt.graph_base_url, version=rt.graph_version,
-                                           phone_number_id=rt.phone_number_id, access_token=rt.access_token))
+        return WhatsAppAdapter(
+            GraphClient(
+                http=self.http,
+                base_url=rt.graph_base_url,
+                version=rt.graph_version,
+                phone_number_id=rt.phone_number_id,
+                access_token=rt.access_token,
+            )
+        )
 
 
 def register(worker: OutboxWorker, deps: JobDeps) -> None:
@@ -100,7 +107,8 @@ def register(worker: OutboxWorker, deps: JobDeps) -> None:
 async def send_outcome_unknown(conn: AsyncConnection, job: ClaimedJob, now: Any) -> None:
     """A worker died after starting a send: mark the message for review instead of resending."""
     await conn.execute(
-        update(M).where(M.c.id == job.payload["message_id"], M.c.status.in_(("queued", "sending")))
+        update(M)
+        .where(M.c.id == job.payload["message_id"], M.c.status.in_(("queued", "sending")))
         .values(status="review", review_reason="outcome_unknown")
     )
     await finish(conn, job.id, state="review", now=now, error="worker stopped during send")
@@ -109,8 +117,9 @@ async def send_outcome_unknown(conn: AsyncConnection, job: ClaimedJob, now: Any)
 async def _channel_down(deps: JobDeps, rt: ChannelRuntime, err: ChannelDownError) -> None:
     now = deps.clock.now()
     async with deps.db.transaction() as session:
-        await channels.set_state(session=session, channel_id=rt.id, state="DOWN",
-                                 reason=f"{err.code}:{err.provider_code}", now=now)
+        await channels.set_state(
+            session=session, channel_id=rt.id, state="DOWN", reason=f"{err.code}:{err.provider_code}", now=now
+        )
     deps.channels.invalidate(rt.id)
     deps.bus.publish(LiveEvent(org_id=rt.org_id, type="channel"))
     log.warning("channel down", extra={"channel_id": rt.id, "provider_code": err.provider_code})
@@ -128,8 +137,15 @@ async def send_message(deps: JobDeps, job: ClaimedJob) -> None:
             await finish(conn, job.id, state="done", now=now, error="nothing to send")
             return
         if rt.state != "UP":
-            await finish(conn, job.id, state="queued", now=now, error="channel down", retry_in=DOWN_RECHECK_SECONDS,
-                         keep_attempt=False)
+            await finish(
+                conn,
+                job.id,
+                state="queued",
+                now=now,
+                error="channel down",
+                retry_in=DOWN_RECHECK_SECONDS,
+                keep_attempt=False,
+            )
             return
         contact = (await conn.execute(select(C).where(C.c.id == row.contact_id))).one()
         cipher = await deps.keys.cipher(conn, contact.dek_id)
@@ -146,7 +162,9 @@ async def send_message(deps: JobDeps, job: ClaimedJob) -> None:
             if media_id is None:  # upload first: harmless to repeat, so it happens before started_at
                 data = deps.blobs.get(cipher=cipher, attachment_id=att.id, name=att.blob_name)
                 await pacer.acquire()
-                media_id = await adapter.upload_media(data=data, mime_type=att.mime_type, filename=filename or "file")
+                media_id = await adapter.upload_media(
+                    data=data, mime_type=att.mime_type, filename=filename or "file"
+                )
                 async with deps.db.engine.begin() as conn:
                     await conn.execute(update(A).where(A.c.id == att.id).values(media_id=media_id))
         tpl = details.get("template") or {}
@@ -154,9 +172,13 @@ async def send_message(deps: JobDeps, job: ClaimedJob) -> None:
             to_user_id=cipher.open_text(contact.bsuid_enc, "contacts", "bsuid", contact.id),
             to_phone=_e164(cipher.open_text(contact.phone_enc, "contacts", "phone", contact.id)),
             kind=row.type if row.type in ("text", "image", "document", "template") else "text",
-            text=None if row.type == "template" else text, media_id=media_id, filename=filename,
-            template_name=tpl.get("name"), template_language=tpl.get("language"),
-            template_params=tuple(tpl.get("params") or ()), reply_to_external_id=row.context_external_id,
+            text=None if row.type == "template" else text,
+            media_id=media_id,
+            filename=filename,
+            template_name=tpl.get("name"),
+            template_language=tpl.get("language"),
+            template_params=tuple(tpl.get("params") or ()),
+            reply_to_external_id=row.context_external_id,
         )
     except ChannelError as err:
         await _send_failed(deps, job, row, rt, err)
@@ -173,11 +195,15 @@ async def send_message(deps: JobDeps, job: ClaimedJob) -> None:
     now = deps.clock.now()
     async with deps.db.engine.begin() as conn:
         await conn.execute(
-            update(M).where(M.c.id == mid, M.c.status == "sending")
+            update(M)
+            .where(M.c.id == mid, M.c.status == "sending")
             .values(status="accepted", external_id=result.external_id, error_code=None, error_reason=None)
         )
         await ingest.apply_pending_statuses(
-            conn, channel_id=rt.id, message_id=mid, external_id=result.external_id,
+            conn,
+            channel_id=rt.id,
+            message_id=mid,
+            external_id=result.external_id,
             state=status_policy.MessageState(status="accepted"),
         )
         await finish(conn, job.id, state="done", now=now)
@@ -189,7 +215,9 @@ def _e164(phone: str | None) -> str | None:
     return None if not phone else (phone if phone.startswith("+") else "+" + phone)
 
 
-async def _send_failed(deps: JobDeps, job: ClaimedJob, row: Any, rt: ChannelRuntime, err: ChannelError) -> None:
+async def _send_failed(
+    deps: JobDeps, job: ClaimedJob, row: Any, rt: ChannelRuntime, err: ChannelError
+) -> None:
     now = deps.clock.now()
     values: dict[str, Any]
     job_state, retry_in, keep = "failed", None, True
@@ -207,13 +235,25 @@ async def _send_failed(deps: JobDeps, job: ClaimedJob, row: Any, rt: ChannelRunt
         values = {"status": "review", "review_reason": "outcome_unknown"}
         job_state = "review"
     else:
-        reason = "needs_template" if isinstance(err, NeedsTemplateError) else (
-            err.code if isinstance(err, PermanentError) else "gave_up")
-        values = {"status": "failed", "failed_at": now, "error_code": err.provider_code, "error_reason": reason,
-                  "error_title": (err.detail or "")[:300] or None}
+        reason = (
+            "needs_template"
+            if isinstance(err, NeedsTemplateError)
+            else (err.code if isinstance(err, PermanentError) else "gave_up")
+        )
+        values = {
+            "status": "failed",
+            "failed_at": now,
+            "error_code": err.provider_code,
+            "error_reason": reason,
+            "error_title": (err.detail or "")[:300] or None,
+        }
     async with deps.db.engine.begin() as conn:
-        await conn.execute(update(M).where(M.c.id == row.id, M.c.status.in_(("queued", "sending"))).values(**values))
-        await finish(conn, job.id, state=job_state, now=now, error=err.code, retry_in=retry_in, keep_attempt=keep)
+        await conn.execute(
+            update(M).where(M.c.id == row.id, M.c.status.in_(("queued", "sending"))).values(**values)
+        )
+        await finish(
+            conn, job.id, state=job_state, now=now, error=err.code, retry_in=retry_in, keep_attempt=keep
+        )
     deps.metrics.messages.labels("out", values["status"]).inc()
     deps.bus.publish(LiveEvent(org_id=rt.org_id, type="conversation", conversation_id=row.conversation_id))
 
@@ -228,7 +268,9 @@ async def download_media(deps: JobDeps, job: ClaimedJob) -> None:
         if att is None or att.state == "stored":
             await finish(conn, job.id, state="done", now=now)
             return
-        msg = (await conn.execute(select(M.c.channel_id, M.c.conversation_id).where(M.c.id == att.message_id))).one()
+        msg = (
+            await conn.execute(select(M.c.channel_id, M.c.conversation_id).where(M.c.id == att.message_id))
+        ).one()
         contact = (await conn.execute(select(C.c.dek_id).where(C.c.id == att.contact_id))).one()
         cipher = await deps.keys.cipher(conn, contact.dek_id)
     state: dict[str, Any]
@@ -241,18 +283,39 @@ async def download_media(deps: JobDeps, job: ClaimedJob) -> None:
         if isinstance(err, ChannelDownError):
             await _channel_down(deps, rt, err)
         retry = not isinstance(err, PermanentError) and job.attempts < MAX_MEDIA_ATTEMPTS
-        state = {"state": "pending" if retry else "failed", "error_reason": err.code, "attempts": job.attempts}
+        state = {
+            "state": "pending" if retry else "failed",
+            "error_reason": err.code,
+            "attempts": job.attempts,
+        }
         async with deps.db.engine.begin() as conn:
             await conn.execute(update(A).where(A.c.id == aid).values(**state))
-            await finish(conn, job.id, state="queued" if retry else "failed", now=deps.clock.now(), error=err.code,
-                         retry_in=backoff_seconds(job.attempts, getattr(err, "retry_after", None)) if retry else None)
-        deps.bus.publish(LiveEvent(org_id=rt.org_id, type="conversation", conversation_id=msg.conversation_id))
+            await finish(
+                conn,
+                job.id,
+                state="queued" if retry else "failed",
+                now=deps.clock.now(),
+                error=err.code,
+                retry_in=backoff_seconds(job.attempts, getattr(err, "retry_after", None)) if retry else None,
+            )
+        deps.bus.publish(
+            LiveEvent(org_id=rt.org_id, type="conversation", conversation_id=msg.conversation_id)
+        )
         return
     blob = deps.blobs.put(cipher=cipher, attachment_id=aid, data=data)
     async with deps.db.engine.begin() as conn:
-        await conn.execute(update(A).where(A.c.id == aid).values(
-            state="stored", blob_name=blob, size=len(data), mime_type=mime or att.mime_type, error_reason=None,
-            attempts=job.attempts))
+        await conn.execute(
+            update(A)
+            .where(A.c.id == aid)
+            .values(
+                state="stored",
+                blob_name=blob,
+                size=len(data),
+                mime_type=mime or att.mime_type,
+                error_reason=None,
+                attempts=job.attempts,
+            )
+        )
         await finish(conn, job.id, state="done", now=deps.clock.now())
     deps.bus.publish(LiveEvent(org_id=rt.org_id, type="conversation", conversation_id=msg.conversation_id))
 

@@ -59,7 +59,9 @@ class Message(Base):
     sender_user_id: Mapped[str | None] = mapped_column(ForeignKey("staff_users.id"), nullable=True)
     template_name: Mapped[str | None] = mapped_column(String(200), nullable=True)
     error_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    error_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)  # our code, e.g. needs_template
+    error_reason: Mapped[str | None] = mapped_column(
+        String(64), nullable=True
+    )  # our code, e.g. needs_template
     error_title: Mapped[str | None] = mapped_column(String(300), nullable=True)  # provider's generic wording
     review_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
     provider_ts: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -30,7 +30,10 @@ WINDOW = timedelta(hours=24)
 TEXT_LIMIT = 4096
 CAPTION_LIMIT = 1024
 OUTBOUND_MEDIA = {
-    "image/jpeg": "image", "image/png": "image", "application/pdf": "document", "text/plain": "document",
+    "image/jpeg": "image",
+    "image/png": "image",
+    "application/pdf": "document",
+    "text/plain": "document",
 }
 
 
@@ -119,7 +122,11 @@ def window_state(last_inbound_at: datetime | None, now: datetime) -> tuple[bool,
 
 def contact_display_name(cipher: FieldCipher, c: Any) -> str:
     """Staff-given name, else WhatsApp profile name, else username, else a masked number."""
-    for col, sealed in (("name", c.name_enc), ("profile_name", c.profile_name_enc), ("username", c.username_enc)):
+    for col, sealed in (
+        ("name", c.name_enc),
+        ("profile_name", c.profile_name_enc),
+        ("username", c.username_enc),
+    ):
         value = cipher.open_text(sealed, "contacts", col, c.id)
         if value:
             return value
@@ -130,7 +137,13 @@ def contact_display_name(cipher: FieldCipher, c: Any) -> str:
 
 
 async def list_(
-    *, session: AsyncSession, keys: KeyService, org_id: str, now: datetime, limit: int = 50, before: datetime | None = None
+    *,
+    session: AsyncSession,
+    keys: KeyService,
+    org_id: str,
+    now: datetime,
+    limit: int = 50,
+    before: datetime | None = None,
 ) -> list[ConversationRow]:
     """The newest conversations of an organisation, newest activity first."""
     q = (
@@ -149,15 +162,26 @@ async def list_(
     out = []
     for conv, contact, ch_name, ch_state, last_dir, last_status in rows:
         is_open, ends = window_state(conv.last_inbound_at, now)
-        out.append(ConversationRow(
-            id=conv.id, contact_name=contact_display_name(ciphers[contact.dek_id], contact), channel_name=ch_name,
-            channel_state=ch_state, unread_count=conv.unread_count, last_activity_at=conv.last_activity_at,
-            last_direction=last_dir, last_status=last_status, window_open=is_open, window_ends_at=ends,
-        ))
+        out.append(
+            ConversationRow(
+                id=conv.id,
+                contact_name=contact_display_name(ciphers[contact.dek_id], contact),
+                channel_name=ch_name,
+                channel_state=ch_state,
+                unread_count=conv.unread_count,
+                last_activity_at=conv.last_activity_at,
+                last_direction=last_dir,
+                last_status=last_status,
+                window_open=is_open,
+                window_ends_at=ends,
+            )
+        )
     return out
 
 
-async def _load(session: AsyncSession, org_id: str, conversation_id: str) -> tuple[Conversation, Contact, Channel]:
+async def _load(
+    session: AsyncSession, org_id: str, conversation_id: str
+) -> tuple[Conversation, Contact, Channel]:
     row = (
         await session.execute(
             select(Conversation, Contact, Channel)
@@ -172,7 +196,13 @@ async def _load(session: AsyncSession, org_id: str, conversation_id: str) -> tup
 
 
 async def get(
-    *, session: AsyncSession, keys: KeyService, org_id: str, conversation_id: str, now: datetime, limit: int = 200
+    *,
+    session: AsyncSession,
+    keys: KeyService,
+    org_id: str,
+    conversation_id: str,
+    now: datetime,
+    limit: int = 200,
 ) -> ConversationView:
     """A conversation with its newest messages, decrypted, oldest first."""
     conv, contact, channel = await _load(session, org_id, conversation_id)
@@ -180,8 +210,10 @@ async def get(
     msgs = list(
         (
             await session.execute(
-                select(Message).where(Message.conversation_id == conv.id)
-                .order_by(Message.created_at.desc(), Message.id.desc()).limit(limit)
+                select(Message)
+                .where(Message.conversation_id == conv.id)
+                .order_by(Message.created_at.desc(), Message.id.desc())
+                .limit(limit)
             )
         ).scalars()
     )
@@ -191,37 +223,72 @@ async def get(
         for a in (
             await session.execute(select(Attachment).where(Attachment.message_id.in_([m.id for m in msgs])))
         ).scalars():
-            atts.setdefault(a.message_id, []).append(AttachmentView(
-                id=a.id, kind=a.kind, mime_type=a.mime_type,
-                filename=cipher.open_text(a.filename_enc, "attachments", "filename", a.id),
-                state=a.state, error_reason=a.error_reason, size=a.size,
-            ))
+            atts.setdefault(a.message_id, []).append(
+                AttachmentView(
+                    id=a.id,
+                    kind=a.kind,
+                    mime_type=a.mime_type,
+                    filename=cipher.open_text(a.filename_enc, "attachments", "filename", a.id),
+                    state=a.state,
+                    error_reason=a.error_reason,
+                    size=a.size,
+                )
+            )
     by_ext = {m.external_id: m for m in msgs if m.external_id}
     views = []
     for m in msgs:
         text = cipher.open_text(m.body_enc, "messages", "body", m.id)
         details = json.loads(cipher.open_text(m.details_enc, "messages", "details", m.id) or "{}")
         quoted = by_ext.get(m.context_external_id) if m.context_external_id else None
-        views.append(MessageView(
-            id=m.id, direction=m.direction, type=m.type, text=text, details=details, status=m.status,
-            created_at=m.created_at, provider_ts=m.provider_ts, sent_at=m.sent_at, delivered_at=m.delivered_at,
-            read_at=m.read_at, failed_at=m.failed_at, error_code=m.error_code, error_reason=m.error_reason,
-            error_title=m.error_title, review_reason=m.review_reason, template_name=m.template_name,
-            context_text=cipher.open_text(quoted.body_enc, "messages", "body", quoted.id) if quoted else None,
-            forwarded=m.forwarded, attachments=atts.get(m.id, []),
-        ))
+        views.append(
+            MessageView(
+                id=m.id,
+                direction=m.direction,
+                type=m.type,
+                text=text,
+                details=details,
+                status=m.status,
+                created_at=m.created_at,
+                provider_ts=m.provider_ts,
+                sent_at=m.sent_at,
+                delivered_at=m.delivered_at,
+                read_at=m.read_at,
+                failed_at=m.failed_at,
+                error_code=m.error_code,
+                error_reason=m.error_reason,
+                error_title=m.error_title,
+                review_reason=m.review_reason,
+                template_name=m.template_name,
+                context_text=cipher.open_text(quoted.body_enc, "messages", "body", quoted.id)
+                if quoted
+                else None,
+                forwarded=m.forwarded,
+                attachments=atts.get(m.id, []),
+            )
+        )
     is_open, ends = window_state(conv.last_inbound_at, now)
     templates = list(
-        (await session.execute(
-            select(MessageTemplate).where(MessageTemplate.org_id == org_id).order_by(MessageTemplate.name)
-        )).scalars()
+        (
+            await session.execute(
+                select(MessageTemplate).where(MessageTemplate.org_id == org_id).order_by(MessageTemplate.name)
+            )
+        ).scalars()
     )
     return ConversationView(
-        id=conv.id, org_id=org_id, contact_id=contact.id, contact_name=contact_display_name(cipher, contact),
+        id=conv.id,
+        org_id=org_id,
+        contact_id=contact.id,
+        contact_name=contact_display_name(cipher, contact),
         contact_phone=cipher.open_text(contact.phone_enc, "contacts", "phone", contact.id),
-        channel_id=channel.id, channel_name=channel.name, channel_state=channel.state,
-        channel_state_reason=channel.state_reason, unread_count=conv.unread_count, window_open=is_open,
-        window_ends_at=ends, messages=views, templates=templates,
+        channel_id=channel.id,
+        channel_name=channel.name,
+        channel_state=channel.state,
+        channel_state_reason=channel.state_reason,
+        unread_count=conv.unread_count,
+        window_open=is_open,
+        window_ends_at=ends,
+        messages=views,
+        templates=templates,
     )
 
 
@@ -235,18 +302,35 @@ async def mark_seen(*, session: AsyncSession, org_id: str, conversation_id: str,
     if org is not None and orgs.setting(org, "send_read_receipts"):
         last_in = (
             await session.execute(
-                select(Message.external_id).where(Message.conversation_id == conv.id, Message.direction == "in")
-                .order_by(Message.created_at.desc()).limit(1)
+                select(Message.external_id)
+                .where(Message.conversation_id == conv.id, Message.direction == "in")
+                .order_by(Message.created_at.desc())
+                .limit(1)
             )
         ).scalar_one_or_none()
         if last_in:
-            await outbox.enqueue(session=session, org_id=org_id, kind="mark_read", channel_id=channel.id,
-                                 payload={"external_id": last_in}, now=now)
+            await outbox.enqueue(
+                session=session,
+                org_id=org_id,
+                kind="mark_read",
+                channel_id=channel.id,
+                payload={"external_id": last_in},
+                now=now,
+            )
 
 
 async def _new_outgoing(
-    session: AsyncSession, keys: KeyService, *, org_id: str, conversation_id: str, user_id: str, type_: str,
-    text: str | None, now: datetime, reply_to_message_id: str | None = None, template_name: str | None = None,
+    session: AsyncSession,
+    keys: KeyService,
+    *,
+    org_id: str,
+    conversation_id: str,
+    user_id: str,
+    type_: str,
+    text: str | None,
+    now: datetime,
+    reply_to_message_id: str | None = None,
+    template_name: str | None = None,
     details: dict[str, Any] | None = None,
 ) -> tuple[Message, FieldCipher, Conversation]:
     conv, contact, channel = await _load(session, org_id, conversation_id)
@@ -255,33 +339,57 @@ async def _new_outgoing(
     if reply_to_message_id:
         context_ext = (
             await session.execute(
-                select(Message.external_id).where(Message.id == reply_to_message_id,
-                                                  Message.conversation_id == conv.id)
+                select(Message.external_id).where(
+                    Message.id == reply_to_message_id, Message.conversation_id == conv.id
+                )
             )
         ).scalar_one_or_none()
         if context_ext is None:
             raise ValidationError("the quoted message is not part of this conversation or was not delivered")
     mid = new_id()
     msg = Message(
-        id=mid, org_id=org_id, conversation_id=conv.id, channel_id=channel.id, contact_id=contact.id,
-        direction="out", type=type_, external_id=None, status="queued",
+        id=mid,
+        org_id=org_id,
+        conversation_id=conv.id,
+        channel_id=channel.id,
+        contact_id=contact.id,
+        direction="out",
+        type=type_,
+        external_id=None,
+        status="queued",
         body_enc=cipher.seal_text(text, "messages", "body", mid),
         details_enc=cipher.seal_text(json.dumps(details), "messages", "details", mid) if details else None,
-        context_external_id=context_ext, forwarded=False, sender_user_id=user_id, template_name=template_name,
+        context_external_id=context_ext,
+        forwarded=False,
+        sender_user_id=user_id,
+        template_name=template_name,
         created_at=now,
     )
     session.add(msg)
     conv.last_activity_at = now
     conv.last_message_id = mid
     await session.flush()
-    await outbox.enqueue(session=session, org_id=org_id, kind="send_message", channel_id=channel.id,
-                         payload={"message_id": mid}, now=now)
+    await outbox.enqueue(
+        session=session,
+        org_id=org_id,
+        kind="send_message",
+        channel_id=channel.id,
+        payload={"message_id": mid},
+        now=now,
+    )
     return msg, cipher, conv
 
 
 async def send_text(
-    *, session: AsyncSession, keys: KeyService, org_id: str, conversation_id: str, user_id: str, text: str,
-    now: datetime, reply_to_message_id: str | None = None,
+    *,
+    session: AsyncSession,
+    keys: KeyService,
+    org_id: str,
+    conversation_id: str,
+    user_id: str,
+    text: str,
+    now: datetime,
+    reply_to_message_id: str | None = None,
 ) -> Message:
     """Queue a free-form text (inside the 24-hour window only)."""
     text = text.strip()
@@ -292,14 +400,30 @@ async def send_text(
     conv, _, _ = await _load(session, org_id, conversation_id)
     if not window_state(conv.last_inbound_at, now)[0]:
         raise ConflictError("the 24-hour window is closed: only templates can be sent", code="needs_template")
-    msg, _, _ = await _new_outgoing(session, keys, org_id=org_id, conversation_id=conversation_id, user_id=user_id,
-                                    type_="text", text=text, now=now, reply_to_message_id=reply_to_message_id)
+    msg, _, _ = await _new_outgoing(
+        session,
+        keys,
+        org_id=org_id,
+        conversation_id=conversation_id,
+        user_id=user_id,
+        type_="text",
+        text=text,
+        now=now,
+        reply_to_message_id=reply_to_message_id,
+    )
     return msg
 
 
 async def send_template(
-    *, session: AsyncSession, keys: KeyService, org_id: str, conversation_id: str, user_id: str, template_id: str,
-    params: list[str], now: datetime,
+    *,
+    session: AsyncSession,
+    keys: KeyService,
+    org_id: str,
+    conversation_id: str,
+    user_id: str,
+    template_id: str,
+    params: list[str],
+    now: datetime,
 ) -> Message:
     """Queue an approved template (allowed inside and outside the window)."""
     tpl = (
@@ -311,22 +435,40 @@ async def send_template(
         raise NotFoundError("template not found")
     params = [p.strip() for p in params]
     if len(params) != tpl.param_count or any(not p for p in params):
-        raise ValidationError(f"the template needs exactly {tpl.param_count} filled parameters",
-                              code="template_params")
+        raise ValidationError(
+            f"the template needs exactly {tpl.param_count} filled parameters", code="template_params"
+        )
     text = tpl.body
     for i, p in enumerate(params, start=1):
-        text = text.replace("{{%d}}" % i, p)
+        text = text.replace("{{" + str(i) + "}}", p)
     msg, _, _ = await _new_outgoing(
-        session, keys, org_id=org_id, conversation_id=conversation_id, user_id=user_id, type_="template",
-        text=text, now=now, template_name=tpl.name,
+        session,
+        keys,
+        org_id=org_id,
+        conversation_id=conversation_id,
+        user_id=user_id,
+        type_="template",
+        text=text,
+        now=now,
+        template_name=tpl.name,
         details={"template": {"name": tpl.name, "language": tpl.language, "params": params}},
     )
     return msg
 
 
 async def send_media(
-    *, session: AsyncSession, keys: KeyService, blobs: BlobStore, org_id: str, conversation_id: str,
-    user_id: str, data: bytes, mime_type: str, filename: str, caption: str | None, now: datetime,
+    *,
+    session: AsyncSession,
+    keys: KeyService,
+    blobs: BlobStore,
+    org_id: str,
+    conversation_id: str,
+    user_id: str,
+    data: bytes,
+    mime_type: str,
+    filename: str,
+    caption: str | None,
+    now: datetime,
     max_bytes: int,
 ) -> Message:
     """Queue an image or document: stored encrypted now, uploaded and sent by the outbox."""
@@ -343,16 +485,36 @@ async def send_media(
     conv, _, _ = await _load(session, org_id, conversation_id)
     if not window_state(conv.last_inbound_at, now)[0]:
         raise ConflictError("the 24-hour window is closed: only templates can be sent", code="needs_template")
-    msg, cipher, _ = await _new_outgoing(session, keys, org_id=org_id, conversation_id=conversation_id,
-                                         user_id=user_id, type_=kind, text=caption, now=now)
+    msg, cipher, _ = await _new_outgoing(
+        session,
+        keys,
+        org_id=org_id,
+        conversation_id=conversation_id,
+        user_id=user_id,
+        type_=kind,
+        text=caption,
+        now=now,
+    )
     aid = new_id()
     blob = blobs.put(cipher=cipher, attachment_id=aid, data=data)
-    session.add(Attachment(
-        id=aid, org_id=org_id, message_id=msg.id, contact_id=msg.contact_id, kind=kind, media_id=None,
-        mime_type=mime_type, expected_sha256=None,
-        filename_enc=cipher.seal_text(filename[:200], "attachments", "filename", aid), size=len(data),
-        state="stored", attempts=0, blob_name=blob, created_at=now,
-    ))
+    session.add(
+        Attachment(
+            id=aid,
+            org_id=org_id,
+            message_id=msg.id,
+            contact_id=msg.contact_id,
+            kind=kind,
+            media_id=None,
+            mime_type=mime_type,
+            expected_sha256=None,
+            filename_enc=cipher.seal_text(filename[:200], "attachments", "filename", aid),
+            size=len(data),
+            state="stored",
+            attempts=0,
+            blob_name=blob,
+            created_at=now,
+        )
+    )
     await session.flush()
     return msg
 
@@ -362,7 +524,9 @@ async def read_attachment(
 ) -> tuple[bytes, str, str | None]:
     """Decrypted bytes, MIME type and file name of a stored attachment."""
     a = (
-        await session.execute(select(Attachment).where(Attachment.id == attachment_id, Attachment.org_id == org_id))
+        await session.execute(
+            select(Attachment).where(Attachment.id == attachment_id, Attachment.org_id == org_id)
+        )
     ).scalar_one_or_none()
     if a is None or a.state != "stored" or a.blob_name is None:
         raise NotFoundError("attachment not available")
@@ -370,20 +534,29 @@ async def read_attachment(
     assert contact is not None
     cipher = await keys.cipher(session, contact.dek_id)
     data = blobs.get(cipher=cipher, attachment_id=a.id, name=a.blob_name)
-    return data, a.mime_type or "application/octet-stream", cipher.open_text(
-        a.filename_enc, "attachments", "filename", a.id
+    return (
+        data,
+        a.mime_type or "application/octet-stream",
+        cipher.open_text(a.filename_enc, "attachments", "filename", a.id),
     )
 
 
 async def counts(*, session: AsyncSession, org_id: str) -> dict[str, int]:
     """Totals for the inbox header: conversations, unread, messages needing review."""
-    conv = (await session.execute(
-        select(func.count(), func.coalesce(func.sum(Conversation.unread_count), 0))
-        .where(Conversation.org_id == org_id)
-    )).one()
-    review = (await session.execute(
-        select(func.count()).select_from(Message).where(and_(Message.org_id == org_id, Message.status == "review"))
-    )).scalar_one()
+    conv = (
+        await session.execute(
+            select(func.count(), func.coalesce(func.sum(Conversation.unread_count), 0)).where(
+                Conversation.org_id == org_id
+            )
+        )
+    ).one()
+    review = (
+        await session.execute(
+            select(func.count())
+            .select_from(Message)
+            .where(and_(Message.org_id == org_id, Message.status == "review"))
+        )
+    ).scalar_one()
     return {"conversations": conv[0], "unread": int(conv[1]), "review": review}
 
 
@@ -398,8 +571,17 @@ async def resolve_review(
         raise NotFoundError("no message awaiting review")
     if resend:
         msg.status, msg.review_reason = "queued", None
-        await outbox.enqueue(session=session, org_id=org_id, kind="send_message", channel_id=msg.channel_id,
-                             payload={"message_id": msg.id}, now=now)
+        await outbox.enqueue(
+            session=session,
+            org_id=org_id,
+            kind="send_message",
+            channel_id=msg.channel_id,
+            payload={"message_id": msg.id},
+            now=now,
+        )
     else:
-        await session.execute(update(Message).where(Message.id == msg.id).values(
-            status="failed", error_reason="not_sent_after_review", failed_at=now, review_reason=None))
+        await session.execute(
+            update(Message)
+            .where(Message.id == msg.id)
+            .values(status="failed", error_reason="not_sent_after_review", failed_at=now, review_reason=None)
+        )

@@ -12,10 +12,21 @@ from datetime import datetime
 
 from pforte.channels.base import STATUS_RANK
 
-TIMESTAMP_COLUMN = {"sent": "sent_at", "delivered": "delivered_at", "read": "read_at", "played": "read_at",
-                    "failed": "failed_at"}
-FAILURE_REASONS = {131047: "needs_template", 131026: "undeliverable", 131049: "undeliverable",
-                   131050: "undeliverable", 131036: "expired", 132015: "template_paused"}
+TIMESTAMP_COLUMN = {
+    "sent": "sent_at",
+    "delivered": "delivered_at",
+    "read": "read_at",
+    "played": "read_at",
+    "failed": "failed_at",
+}
+FAILURE_REASONS = {
+    131047: "needs_template",
+    131026: "undeliverable",
+    131049: "undeliverable",
+    131050: "undeliverable",
+    131036: "expired",
+    132015: "template_paused",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +40,9 @@ class MessageState:
     failed_at: datetime | None = None
 
 
-def merge(current: MessageState, status: str, ts: datetime, error_code: int | None = None) -> dict[str, object]:
+def merge(
+    current: MessageState, status: str, ts: datetime, error_code: int | None = None
+) -> dict[str, object]:
     """The column changes one status webhook causes (empty dict: nothing to change)."""
     changes: dict[str, object] = {}
     column = TIMESTAMP_COLUMN.get(status)
@@ -38,8 +51,12 @@ def merge(current: MessageState, status: str, ts: datetime, error_code: int | No
     if status == "failed":
         if current.status in ("failed", "delivered", "read", "played"):
             return changes
-        changes.update(status="failed", failed_at=ts, error_code=error_code,
-                       error_reason=FAILURE_REASONS.get(error_code or 0, "failed"))
+        changes.update(
+            status="failed",
+            failed_at=ts,
+            error_code=error_code,
+            error_reason=FAILURE_REASONS.get(error_code or 0, "failed"),
+        )
         return changes
     if getattr(current, column) is None:
         changes[column] = ts

@@ -120,7 +120,9 @@ class KeyService:
         self._size = size
         self._cache: OrderedDict[str, tuple[float, FieldCipher, bytes]] = OrderedDict()
 
-    def new_data_key(self, *, org_id: str, kek_id: str, purpose: str, now: datetime) -> tuple[dict[str, Any], bytes]:
+    def new_data_key(
+        self, *, org_id: str, kek_id: str, purpose: str, now: datetime
+    ) -> tuple[dict[str, Any], bytes]:
         """A fresh DEK: the row to insert (wrapped) and the plaintext key (cached)."""
         key = secrets.token_bytes(32)
         row = {

@@ -21,7 +21,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 
 
-async def create(*, session: AsyncSession, keys: KeyService, name: str, slug: str, now: datetime) -> Organisation:
+async def create(
+    *, session: AsyncSession, keys: KeyService, name: str, slug: str, now: datetime
+) -> Organisation:
     """Create an organisation with a new KEK, an org data key and a blind-index key."""
     if not _SLUG.match(slug):
         raise ValidationError("slug must be 2-63 lower-case letters, digits or dashes")
@@ -30,8 +32,15 @@ async def create(*, session: AsyncSession, keys: KeyService, name: str, slug: st
     if await get_by_slug(session=session, slug=slug, missing_ok=True):
         raise ConflictError("an organisation with this slug exists")
     kek_id = keys.provider.create_kek()
-    org = Organisation(name=name.strip(), slug=slug, kek_id=kek_id, org_key_id="", index_key_id="",
-                       settings=dict(DEFAULT_SETTINGS), created_at=now)
+    org = Organisation(
+        name=name.strip(),
+        slug=slug,
+        kek_id=kek_id,
+        org_key_id="",
+        index_key_id="",
+        settings=dict(DEFAULT_SETTINGS),
+        created_at=now,
+    )
     session.add(org)
     await session.flush()
     org_key, _ = keys.new_data_key(org_id=org.id, kek_id=kek_id, purpose="org", now=now)

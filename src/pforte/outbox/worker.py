@@ -61,12 +61,23 @@ def backoff_seconds(attempts: int, retry_after: float | None = None, cap: float 
 
 
 async def finish(
-    conn: AsyncConnection, job_id: str, *, state: str, now: datetime, error: str | None = None,
-    retry_in: float | None = None, keep_attempt: bool = True,
+    conn: AsyncConnection,
+    job_id: str,
+    *,
+    state: str,
+    now: datetime,
+    error: str | None = None,
+    retry_in: float | None = None,
+    keep_attempt: bool = True,
 ) -> None:
     """Close a job (done/failed/review) or put it back in the queue after ``retry_in`` seconds."""
-    values: dict[str, Any] = {"state": state, "updated_at": now, "locked_by": None, "locked_until": None,
-                              "last_error": error}
+    values: dict[str, Any] = {
+        "state": state,
+        "updated_at": now,
+        "locked_by": None,
+        "locked_until": None,
+        "last_error": error,
+    }
     if state == "queued":
         values["run_after"] = now + timedelta(seconds=retry_in or 0.0)
         values["started_at"] = None
@@ -79,8 +90,15 @@ class OutboxWorker:
     """Runs jobs with bounded concurrency until stopped."""
 
     def __init__(
-        self, *, db: Database, clock: Clock, metrics: Metrics, poll_seconds: float, batch: int,
-        lease_seconds: float, concurrency: int = 64,
+        self,
+        *,
+        db: Database,
+        clock: Clock,
+        metrics: Metrics,
+        poll_seconds: float,
+        batch: int,
+        lease_seconds: float,
+        concurrency: int = 64,
     ) -> None:
         self.db = db
         self.clock = clock
@@ -102,6 +120,13 @@ class OutboxWorker:
         self.handlers[kind] = handler
         if on_stale:
             self.stale_handlers[kind] = on_stale
+
+    def run_soon(self, fn: Callable[[AsyncConnection], Awaitable[Any]]) -> None:
+        """Make a periodic task due now and wake the loop."""
+        for task in self._periodic:
+            if task[1] is fn:
+                task[2] = float("-inf")
+        self.wake()
 
     def every(self, seconds: float, fn: Callable[[AsyncConnection], Awaitable[Any]]) -> None:
         """Run ``fn(conn)`` in its own transaction at most every ``seconds`` from the worker loop."""
@@ -153,7 +178,7 @@ class OutboxWorker:
         """Recover stale jobs, claim due ones and start them; with ``wait`` also await them."""
         await self.recover_stale()
         await self.run_periodic(force=wait)
-        free = max(self._sem._value, 0)  # noqa: SLF001 - a cheap look at free slots
+        free = max(self._sem._value, 0)
         if free == 0:
             await asyncio.sleep(0.01)
             return 0
@@ -176,17 +201,27 @@ class OutboxWorker:
         """Take up to ``limit`` due jobs."""
         now = self.clock.now()
         sub = (
-            select(J.c.id).where(J.c.state == "queued", J.c.run_after <= now)
-            .order_by(J.c.run_after).limit(limit)
+            select(J.c.id)
+            .where(J.c.state == "queued", J.c.run_after <= now)
+            .order_by(J.c.run_after)
+            .limit(limit)
         )
         async with self.db.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 sub = sub.with_for_update(skip_locked=True)
             rows = await conn.execute(
-                update(J).where(J.c.id.in_(sub))
-                .values(state="running", locked_by=self.worker_id, locked_until=now + self.lease,
-                        attempts=J.c.attempts + 1, updated_at=now)
-                .returning(J.c.id, J.c.org_id, J.c.kind, J.c.channel_id, J.c.payload, J.c.attempts, J.c.started_at)
+                update(J)
+                .where(J.c.id.in_(sub))
+                .values(
+                    state="running",
+                    locked_by=self.worker_id,
+                    locked_until=now + self.lease,
+                    attempts=J.c.attempts + 1,
+                    updated_at=now,
+                )
+                .returning(
+                    J.c.id, J.c.org_id, J.c.kind, J.c.channel_id, J.c.payload, J.c.attempts, J.c.started_at
+                )
             )
             return [ClaimedJob(**r._mapping) for r in rows]
 
@@ -194,9 +229,13 @@ class OutboxWorker:
         """Handle jobs whose worker's lease ran out (the worker crashed or hung)."""
         now = self.clock.now()
         async with self.db.engine.begin() as conn:
-            q = select(J.c.id, J.c.org_id, J.c.kind, J.c.channel_id, J.c.payload, J.c.attempts, J.c.started_at).where(
-                J.c.state == "running", J.c.locked_until < now
-            ).limit(100)
+            q = (
+                select(
+                    J.c.id, J.c.org_id, J.c.kind, J.c.channel_id, J.c.payload, J.c.attempts, J.c.started_at
+                )
+                .where(J.c.state == "running", J.c.locked_until < now)
+                .limit(100)
+            )
             if conn.dialect.name == "postgresql":
                 q = q.with_for_update(skip_locked=True)
             stale = [ClaimedJob(**r._mapping) for r in await conn.execute(q)]

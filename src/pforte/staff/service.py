@@ -31,7 +31,14 @@ class CurrentUser:
 
 
 async def create(
-    *, session: AsyncSession, org_id: str, email: str, display_name: str, password: str, role: str, now: datetime
+    *,
+    session: AsyncSession,
+    org_id: str,
+    email: str,
+    display_name: str,
+    password: str,
+    role: str,
+    now: datetime,
 ) -> StaffUser:
     """Create a staff account with an argon2id password hash."""
     email = email.strip().lower()
@@ -43,8 +50,15 @@ async def create(
         raise ValidationError(f"password must have at least {MIN_PASSWORD} characters")
     if await get_by_email(session=session, email=email):
         raise ConflictError("a user with this e-mail exists")
-    user = StaffUser(org_id=org_id, email=email, display_name=display_name.strip() or email,
-                     password_hash=await hash_password(password), role=role, active=True, created_at=now)
+    user = StaffUser(
+        org_id=org_id,
+        email=email,
+        display_name=display_name.strip() or email,
+        password_hash=await hash_password(password),
+        role=role,
+        active=True,
+        created_at=now,
+    )
     session.add(user)
     await session.flush()
     return user
@@ -65,18 +79,34 @@ async def login(
     if not ok or user is None or not user.active:
         raise AuthenticationError("e-mail or password is wrong", code="login_failed")
     token, digest = new_token()
-    session.add(StaffSession(id=digest, user_id=user.id, org_id=user.org_id, csrf_token=secrets.token_urlsafe(24),
-                             created_at=now, last_seen_at=now, expires_at=now + absolute))
+    session.add(
+        StaffSession(
+            id=digest,
+            user_id=user.id,
+            org_id=user.org_id,
+            csrf_token=secrets.token_urlsafe(24),
+            created_at=now,
+            last_seen_at=now,
+            expires_at=now + absolute,
+        )
+    )
     await session.flush()
     return token, user
 
 
-async def resolve(*, session: AsyncSession, token: str, now: datetime, idle: timedelta) -> CurrentUser:
-    """The user behind a session cookie; expired or idle sessions end here."""
+async def resolve(
+    *, session: AsyncSession, token: str, now: datetime, idle: timedelta, touch: bool = True
+) -> CurrentUser:
+    """The user behind a session cookie; expired or idle sessions are refused.
+
+    ``touch`` is False for background refreshes (live updates), so an unattended open tab does not
+    keep its session alive. Expired rows are removed by ``purge_expired`` (a periodic job).
+    """
     digest = token_digest(token)
     row = (
         await session.execute(
-            select(StaffSession, StaffUser).join(StaffUser, StaffUser.id == StaffSession.user_id)
+            select(StaffSession, StaffUser)
+            .join(StaffUser, StaffUser.id == StaffSession.user_id)
             .where(StaffSession.id == digest)
         )
     ).first()
@@ -84,12 +114,19 @@ async def resolve(*, session: AsyncSession, token: str, now: datetime, idle: tim
         raise AuthenticationError("not logged in")
     sess, user = row
     if sess.expires_at <= now or sess.last_seen_at + idle <= now or not user.active:
-        await session.execute(delete(StaffSession).where(StaffSession.id == digest))
         raise AuthenticationError("session expired", code="session_expired")
-    if (now - sess.last_seen_at).total_seconds() > 30:  # write at most twice a minute per session
+    if touch and (now - sess.last_seen_at).total_seconds() > 30:  # write at most twice a minute
         sess.last_seen_at = now
-    return CurrentUser(id=user.id, org_id=user.org_id, email=user.email, display_name=user.display_name,
-                       role=user.role, locale=user.locale, csrf_token=sess.csrf_token, session_id=digest)
+    return CurrentUser(
+        id=user.id,
+        org_id=user.org_id,
+        email=user.email,
+        display_name=user.display_name,
+        role=user.role,
+        locale=user.locale,
+        csrf_token=sess.csrf_token,
+        session_id=digest,
+    )
 
 
 async def logout(*, session: AsyncSession, session_id: str) -> None:

@@ -31,14 +31,25 @@ async def db_session(request: Request) -> AsyncIterator[AsyncSession]:
             yield session
 
 
-async def current_user(request: Request, session: AsyncSession = Depends(db_session)) -> CurrentUser:
+# The request's transaction ends when the route function returns, before the response is sent, so a
+# client can never act on an answer whose changes are not yet committed.
+DB = Depends(db_session, scope="function")
+BACKGROUND_HEADER = "x-pforte-refresh"  # set by app.js on live-update refreshes
+
+
+async def current_user(request: Request, session: AsyncSession = DB) -> CurrentUser:
     """The logged-in staff member; 401 (redirect to login in the UI) otherwise."""
     token = request.cookies.get(SESSION_COOKIE)
     if not token:
         raise AuthenticationError("not logged in")
     services = get_services(request)
-    user = await staff.resolve(session=session, token=token, now=services.clock.now(),
-                               idle=timedelta(minutes=services.settings.session_idle_minutes))
+    user = await staff.resolve(
+        session=session,
+        token=token,
+        now=services.clock.now(),
+        idle=timedelta(minutes=services.settings.session_idle_minutes),
+        touch=request.headers.get(BACKGROUND_HEADER) != "1",
+    )
     request.state.user = user
     return user
 

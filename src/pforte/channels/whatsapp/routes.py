@@ -37,7 +37,9 @@ async def verify(channel_id: str, request: Request) -> PlainTextResponse:
     rt = await services.channels.get(services.db.sessionmaker, channel_id)
     q = request.query_params
     challenge = webhook.verify_subscription(
-        mode=q.get("hub.mode"), token=q.get("hub.verify_token"), challenge=q.get("hub.challenge"),
+        mode=q.get("hub.mode"),
+        token=q.get("hub.verify_token"),
+        challenge=q.get("hub.challenge"),
         expected_token=rt.verify_token,
     )
     return PlainTextResponse(challenge)
@@ -51,8 +53,9 @@ async def receive(channel_id: str, request: Request) -> PlainTextResponse:
     try:
         body = await _read_limited(request, services.settings.webhook_max_bytes)
         rt = await services.channels.get(services.db.sessionmaker, channel_id)
-        webhook.verify_signature(body=body, header=request.headers.get("x-hub-signature-256"),
-                                 app_secret=rt.app_secret)
+        webhook.verify_signature(
+            body=body, header=request.headers.get("x-hub-signature-256"), app_secret=rt.app_secret
+        )
         batches = webhook.parse_webhook(webhook.parse_payload(body))
     except PforteError as exc:
         counter.labels("rejected").inc()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from fastapi import Request
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 from starlette.responses import Response
 
 from pforte.i18n import negotiate, translations
@@ -20,6 +22,29 @@ _env = jinja2.Environment(
 )
 _env.install_null_translations(newstyle=True)  # type: ignore[attr-defined]
 templates = Jinja2Templates(env=_env)
+
+
+@cache
+def _newstyle(lang: str) -> tuple[Any, Any]:
+    """gettext/ngettext in Jinja's "newstyle" form: escaped, with %(name)s variables filled in."""
+    tr = translations(lang)
+
+    @jinja2.pass_context
+    def gettext(ctx: jinja2.runtime.Context, message: str, **variables: Any) -> str:
+        rv = tr.gettext(message)
+        if ctx.eval_ctx.autoescape:
+            rv = Markup(rv)  # noqa: S704 - our own catalog text, like Jinja's own i18n does
+        return rv % variables if variables else rv  # type: ignore[no-any-return]
+
+    @jinja2.pass_context
+    def ngettext(ctx: jinja2.runtime.Context, singular: str, plural: str, num: int, **variables: Any) -> str:
+        variables.setdefault("num", num)
+        rv = tr.ngettext(singular, plural, num)
+        if ctx.eval_ctx.autoescape:
+            rv = Markup(rv)  # noqa: S704 - our own catalog text, like Jinja's own i18n does
+        return rv % variables  # type: ignore[no-any-return]
+
+    return gettext, ngettext
 
 
 def language(request: Request) -> str:
@@ -35,19 +60,25 @@ def gettext_for(request: Request):  # type: ignore[no-untyped-def]
     return translations(language(request)).gettext
 
 
-def render(request: Request, template: str, context: dict[str, Any] | None = None, *, status_code: int = 200,
-           headers: dict[str, str] | None = None) -> Response:
+def render(
+    request: Request,
+    template: str,
+    context: dict[str, Any] | None = None,
+    *,
+    status_code: int = 200,
+    headers: dict[str, str] | None = None,
+) -> Response:
     """Render a page or partial with language, user and CSRF token available."""
     lang = language(request)
-    tr = translations(lang)
+    gettext, ngettext = _newstyle(lang)
     user = getattr(request.state, "user", None)
     ctx = {
         "lang": lang,
         "user": user,
         "csrf_token": user.csrf_token if user else "",
-        "gettext": tr.gettext,
-        "ngettext": tr.ngettext,
-        "_": tr.gettext,
+        "gettext": gettext,
+        "ngettext": ngettext,
+        "_": gettext,
         **(context or {}),
     }
     return templates.TemplateResponse(request, template, ctx, status_code=status_code, headers=headers)

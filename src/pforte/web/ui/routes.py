@@ -37,7 +37,7 @@ from pforte.events import LiveEvent
 from pforte.i18n import LOCALES
 from pforte.staff import service as staff
 from pforte.staff.service import CurrentUser
-from pforte.web.deps import SESSION_COOKIE, check_csrf, current_user, db_session, get_services, require_role
+from pforte.web.deps import DB, SESSION_COOKIE, check_csrf, current_user, get_services, require_role
 from pforte.web.ui import sse
 from pforte.web.ui.render import render, templates
 
@@ -202,7 +202,7 @@ async def login_page(request: Request) -> Response:
 
 
 @router.post("/login")
-async def login(request: Request, session: AsyncSession = Depends(db_session)) -> Response:
+async def login(request: Request, session: AsyncSession = DB) -> Response:
     """Check e-mail and password; on success set the session cookie and go to the inbox."""
     _check_same_origin(request)
     services = get_services(request)
@@ -237,7 +237,7 @@ async def login(request: Request, session: AsyncSession = Depends(db_session)) -
 
 @router.post("/logout", name="logout")
 async def logout(
-    request: Request, user: CurrentUser = Depends(current_user), session: AsyncSession = Depends(db_session)
+    request: Request, user: CurrentUser = Depends(current_user), session: AsyncSession = DB
 ) -> Response:
     """End the session and forget the cookie."""
     await check_csrf(request, user)
@@ -255,7 +255,7 @@ async def logout(
 
 
 @router.post("/lang", name="set_lang")
-async def set_lang(request: Request, session: AsyncSession = Depends(db_session)) -> Response:
+async def set_lang(request: Request, session: AsyncSession = DB) -> Response:
     """Switch the interface language (a cookie; logged-in users must send their CSRF token)."""
     user = await _optional_user(request, session)
     if user is not None:
@@ -284,7 +284,7 @@ async def set_lang(request: Request, session: AsyncSession = Depends(db_session)
 
 @router.get("/", name="inbox")
 async def inbox(
-    request: Request, user: CurrentUser = Depends(current_user), session: AsyncSession = Depends(db_session)
+    request: Request, user: CurrentUser = Depends(current_user), session: AsyncSession = DB
 ) -> Response:
     """The conversation list."""
     ctx = await _sidebar(session, get_services(request), user)
@@ -297,7 +297,7 @@ async def conversation_list(
     request: Request,
     active: str | None = None,
     user: CurrentUser = Depends(current_user),
-    session: AsyncSession = Depends(db_session),
+    session: AsyncSession = DB,
 ) -> Response:
     """The conversation list fragment (with the header counts and channel banner out of band)."""
     ctx = await _sidebar(session, get_services(request), user)
@@ -311,7 +311,7 @@ async def conversation_page(
     conversation_id: str,
     reply_to: str | None = None,
     user: CurrentUser = Depends(current_user),
-    session: AsyncSession = Depends(db_session),
+    session: AsyncSession = DB,
 ) -> Response:
     """One conversation; opening it clears its unread count (auditors' reading changes nothing)."""
     services = get_services(request)
@@ -337,7 +337,7 @@ async def messages_partial(
     seen: bool = False,
     window: str | None = None,
     user: CurrentUser = Depends(current_user),
-    session: AsyncSession = Depends(db_session),
+    session: AsyncSession = DB,
 ) -> Response:
     """The messages of a conversation (live refresh); ``seen=1`` when the staff member is looking."""
     services = get_services(request)
@@ -360,7 +360,7 @@ async def send_text(
     request: Request,
     conversation_id: str,
     user: CurrentUser = Depends(can_send),
-    session: AsyncSession = Depends(db_session),
+    session: AsyncSession = DB,
 ) -> Response:
     """Queue a free-text reply (optionally quoting a message)."""
     await check_csrf(request, user)
@@ -385,7 +385,7 @@ async def send_template(
     request: Request,
     conversation_id: str,
     user: CurrentUser = Depends(can_send),
-    session: AsyncSession = Depends(db_session),
+    session: AsyncSession = DB,
 ) -> Response:
     """Queue an approved template with its parameters (works with the window closed)."""
     await check_csrf(request, user)
@@ -412,7 +412,7 @@ async def send_media(
     request: Request,
     conversation_id: str,
     user: CurrentUser = Depends(can_send),
-    session: AsyncSession = Depends(db_session),
+    session: AsyncSession = DB,
 ) -> Response:
     """Queue an image or document upload (JPEG, PNG, PDF, plain text)."""
     services = get_services(request)
@@ -453,7 +453,7 @@ async def resolve_review(
     conversation_id: str,
     message_id: str,
     user: CurrentUser = Depends(can_send),
-    session: AsyncSession = Depends(db_session),
+    session: AsyncSession = DB,
 ) -> Response:
     """A message whose send outcome is unknown: send it again, or mark it as not sent."""
     await check_csrf(request, user)
@@ -512,7 +512,7 @@ async def attachment(
     attachment_id: str,
     download: bool = False,
     user: CurrentUser = Depends(current_user),
-    session: AsyncSession = Depends(db_session),
+    session: AsyncSession = DB,
 ) -> Response:
     """A stored attachment, decrypted, never cached by the browser."""
     services = get_services(request)
@@ -554,7 +554,7 @@ async def admin_channels(
     request: Request,
     saved: bool = False,
     user: CurrentUser = Depends(admin_only),
-    session: AsyncSession = Depends(db_session),
+    session: AsyncSession = DB,
 ) -> Response:
     """Channels of the organisation with their state; admins can enter a new access token."""
     ctx = await _sidebar(session, get_services(request), user)
@@ -568,7 +568,7 @@ async def channel_token(
     request: Request,
     channel_id: str,
     user: CurrentUser = Depends(admin_only),
-    session: AsyncSession = Depends(db_session),
+    session: AsyncSession = DB,
 ) -> Response:
     """Replace a channel's access token and bring it back UP."""
     await check_csrf(request, user)

@@ -3,6 +3,9 @@
 (function () {
   "use strict";
 
+  // Live-update refreshes say so, so that an unattended open tab does not extend its session.
+  var BACKGROUND = { "X-Pforte-Refresh": "1" };
+
   function csrfToken() {
     var meta = document.querySelector('meta[name="csrf-token"]');
     return meta ? meta.getAttribute("content") : "";
@@ -149,7 +152,7 @@
     }
     var stick = nearBottom();
     var before = t.scrollTop;
-    return htmx.ajax("GET", conv.dataset.messagesUrl + "?" + params.toString(), { target: t, swap: "innerHTML" })
+    return htmx.ajax("GET", conv.dataset.messagesUrl + "?" + params.toString(), { target: t, swap: "innerHTML", headers: BACKGROUND })
       .then(function () {
         if (stick) {
           scrollThread(true);
@@ -169,7 +172,7 @@
     if (conv) {
       url += "?active=" + encodeURIComponent(conv.dataset.conversationId);
     }
-    return htmx.ajax("GET", url, { target: list, swap: "innerHTML" });
+    return htmx.ajax("GET", url, { target: list, swap: "innerHTML", headers: BACKGROUND });
   }
 
   function flush() {
