@@ -34,8 +34,8 @@ run: $(STAMP) frontend
 	$(BIN)/pforte demo --host $(HOST) --port $(PORT) --data-dir $(DATA_DIR)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src/pforte/channels src/pforte/crypto
+	$(BIN)/ruff check src tests bench migrations
+	$(BIN)/ruff format --check src tests bench migrations
 
 test: $(STAMP) frontend chromium lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -239,16 +239,34 @@ async def test_concurrent_status_writers_cannot_downgrade(world):
     now = world.services.clock.now()
     async with world.services.db.transaction() as s:
         (row,) = await conv.list_(session=s, keys=world.services.keys, org_id=world.org_id, now=now)
-        msg = await conv.send_text(session=s, keys=world.services.keys, org_id=world.org_id, conversation_id=row.id,
-                                   user_id=world.staff_id, text="Antwort", now=now)
-        await s.execute(update(Message).where(Message.id == msg.id).values(status="delivered", delivered_at=now))
+        msg = await conv.send_text(
+            session=s,
+            keys=world.services.keys,
+            org_id=world.org_id,
+            conversation_id=row.id,
+            user_id=world.staff_id,
+            text="Antwort",
+            now=now,
+        )
+        await s.execute(
+            update(Message).where(Message.id == msg.id).values(status="delivered", delivered_at=now)
+        )
         await s.execute(update(Job).values(state="done"))
     t_sent = now - timedelta(seconds=5)
     async with world.services.db.engine.begin() as conn:
         # What a writer that still believed the message "accepted" would have computed:
         await ingest.apply_changes(conn, {msg.id: {"status": "sent", "sent_at": t_sent}})
-        await ingest.apply_changes(conn, {msg.id: {"status": "failed", "failed_at": now, "error_code": 131026,
-                                                   "error_reason": "undeliverable"}})
+        await ingest.apply_changes(
+            conn,
+            {
+                msg.id: {
+                    "status": "failed",
+                    "failed_at": now,
+                    "error_code": 131026,
+                    "error_reason": "undeliverable",
+                }
+            },
+        )
         await ingest.apply_changes(conn, {msg.id: {"delivered_at": now + timedelta(seconds=9)}})
     async with world.services.db.transaction() as s:
         m = (await s.execute(select(Message).where(Message.id == msg.id))).scalar_one()
