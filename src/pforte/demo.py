@@ -58,7 +58,7 @@ async def run_demo(settings: Settings) -> None:
     sim_port = settings.port + 1
     sim_url = f"http://{settings.host}:{sim_port}"
     graph_url = sim_url
-    migrate.upgrade(settings.effective_database_url)
+    await asyncio.to_thread(migrate.upgrade, settings.effective_database_url)  # Alembic runs its own loop
     creds = _demo_secrets(settings)
     services = build_services(settings)
     async with services.db.transaction() as session:
@@ -115,7 +115,8 @@ async def run_demo(settings: Settings) -> None:
     )
     for name, lang, body, n in TEMPLATES:
         sim.add_template(DEMO_PNID, name, lang, body=body, param_count=n)
-    sim.add_user(name="Erika Mustermann", wa_id="4915112345678")
+    # A fixed BSUID: the simulator forgets its users on restart, pforte must still recognise her.
+    sim.add_user(name="Erika Mustermann", wa_id="4915112345678", user_id="DE.4915112345678001")
     pforte_app = create_app(services)
     servers = [
         uvicorn.Server(

@@ -343,3 +343,49 @@ async def test_media_with_wrong_hash_is_marked_failed_and_message_kept(world):
     (att,) = await all_rows(world.services, Attachment)
     assert att.state == "failed"
     assert len(await all_rows(world.services, Message)) == 1
+
+
+async def test_staff_image_is_uploaded_and_sent_by_media_id(world):
+    cid = await _conversation(world)
+    data = b"\x89PNG\r\n\x1a\n" + b"roentgen" * 64
+    async with world.services.db.transaction() as s:
+        msg = await conv.send_media(
+            session=s,
+            keys=world.services.keys,
+            blobs=world.services.blobs,
+            org_id=world.org_id,
+            conversation_id=cid,
+            user_id=world.staff_id,
+            data=data,
+            mime_type="image/png",
+            filename="roentgen.png",
+            caption="Ihr Bild",
+            now=world.services.clock.now(),
+            max_bytes=5_000_000,
+        )
+    await world.settle()
+    (sent,) = world.sim.business_messages(PNID)
+    assert sent.type == "image" and sent.media_id and sent.text == "Ihr Bild"
+    assert world.sim.media[sent.media_id].data == data
+    assert (await _message(world, msg.id)).status in ("sent", "delivered")
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+async def test_read_receipts_only_when_the_organisation_enables_them(world, enabled):
+    from pforte.orgs.models import Organisation
+
+    async with world.services.db.transaction() as s:
+        org = await s.get(Organisation, world.org_id)
+        org.settings = {**org.settings, "send_read_receipts": enabled}
+    cid = await _conversation(world)
+    async with world.services.db.transaction() as s:
+        await conv.mark_seen(
+            session=s, org_id=world.org_id, conversation_id=cid, now=world.services.clock.now()
+        )
+    await world.settle()
+    inbound = [m for m in world.sim.messages if m.direction == "in"]
+    assert len(inbound) == 1
+    assert inbound[0].read_by_business is enabled
+    assert len(await _jobs(world, "mark_read")) == (1 if enabled else 0)
+    async with world.services.db.transaction() as s:
+        assert (await s.get(Conversation, cid)).unread_count == 0
