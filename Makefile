@@ -36,6 +36,7 @@ run: $(STAMP) frontend
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench migrations
 	$(BIN)/ruff format --check src tests bench migrations
+	$(BIN)/mypy src
 
 test: $(STAMP) frontend chromium lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider

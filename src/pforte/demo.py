@@ -63,7 +63,7 @@ async def run_demo(settings: Settings) -> None:
     services = build_services(settings)
     async with services.db.transaction() as session:
         now = services.clock.now()
-        org = await orgs.get_by_slug(session=session, slug="demo", missing_ok=True)
+        org = await orgs.find_by_slug(session=session, slug="demo")
         if org is None:
             org = await orgs.create(
                 session=session, keys=services.keys, name="Demo-Klinik", slug="demo", now=now

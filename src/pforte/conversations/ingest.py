@@ -39,7 +39,7 @@ from pforte.crypto.blind_index import blind_index
 from pforte.crypto.envelope import FieldCipher
 from pforte.crypto.keys import KeyService
 from pforte.crypto.models import DataKey
-from pforte.db import Database, new_id, upsert_insert
+from pforte.db import Database, new_id, table_of, upsert_insert
 from pforte.errors import ServiceUnavailable
 from pforte.events import EventBus, LiveEvent
 from pforte.metrics import Metrics
@@ -48,13 +48,13 @@ from pforte.outbox.models import Job
 
 log = logging.getLogger("pforte.ingest")
 
-C = Contact.__table__
-CONV = Conversation.__table__
-M = Message.__table__
-A = Attachment.__table__
-PS = PendingStatus.__table__
-J = Job.__table__
-DK = DataKey.__table__
+C = table_of(Contact)
+CONV = table_of(Conversation)
+M = table_of(Message)
+A = table_of(Attachment)
+PS = table_of(PendingStatus)
+J = table_of(Job)
+DK = table_of(DataKey)
 
 
 @dataclass(slots=True)
@@ -147,9 +147,9 @@ class Ingestor:
         ).all()
         by_bsuid = {r.bsuid_index: r for r in rows if r.bsuid_index}
         by_phone: dict[str, Any] = {}
-        for r in rows:
-            if r.phone_index:
-                by_phone[r.phone_index] = r  # the newest contact with that phone wins
+        for row in rows:
+            if row.phone_index:
+                by_phone[row.phone_index] = row  # the newest contact with that phone wins
         adopt: list[dict[str, Any]] = []
         new_contacts: list[dict[str, Any]] = []
         new_keys: list[dict[str, Any]] = []
@@ -204,12 +204,12 @@ class Ingestor:
             inserted = {r.id for r in await conn.execute(ins.returning(C.c.id), new_contacts)}
             lost = [c for c in new_contacts if c["id"] not in inserted]
             if lost:  # another process created the same BSUID contact meanwhile: use theirs
-                rows = await conn.execute(
+                winners = await conn.execute(
                     select(C.c.id, C.c.dek_id, C.c.bsuid_index).where(
                         C.c.org_id == org_id, C.c.bsuid_index.in_([c["bsuid_index"] for c in lost])
                     )
                 )
-                theirs = {r.bsuid_index: (r.id, r.dek_id) for r in rows}
+                theirs = {r.bsuid_index: (r.id, r.dek_id) for r in winners}
                 for k, bi in bsuid_ix.items():
                     if bi in theirs and found[k][0] not in inserted:
                         found[k] = theirs[bi]
@@ -266,15 +266,15 @@ class Ingestor:
                 continue
             seen.add(key)
             fresh.append((it, m))
-        existing = set()
+        existing: set[tuple[str, str]] = set()
         by_channel: dict[str, list[str]] = defaultdict(list)
         for it, m in fresh:
             by_channel[it.channel.id].append(m.external_id)
         for ch_id, ext_ids in by_channel.items():
-            rows = await conn.execute(
+            stored = await conn.execute(
                 select(M.c.external_id).where(M.c.channel_id == ch_id, M.c.external_id.in_(ext_ids))
             )
-            existing.update((ch_id, r.external_id) for r in rows)
+            existing.update((ch_id, r.external_id) for r in stored)
         todo = []
         for it, m in fresh:
             if (it.channel.id, m.external_id) in existing:
@@ -288,7 +288,8 @@ class Ingestor:
             conn, dialect, org_id, {(it.channel.id, contacts[m.sender.key][0]) for it, m in todo}, now
         )
         ciphers = await self.keys.ciphers(conn, {dek for _, dek in contacts.values()})
-        rows, owners = [], {}
+        rows: list[dict[str, Any]] = []
+        owners: dict[str, Any] = {}
         for it, m in todo:
             contact_id, dek_id = contacts[m.sender.key]
             cipher = ciphers[dek_id]
@@ -511,7 +512,7 @@ def _guarded(col: str, failing: bool) -> Any:
     status only rises in rank; "failed" only ends a message that was not delivered yet. (In an
     UPDATE every right-hand side sees the row as it was, on SQLite and PostgreSQL alike.)
     """
-    value = bindparam(f"v_{col}")
+    value: Any = bindparam(f"v_{col}")
     if failing:
         return case((M.c.status.in_(_FAILABLE), value), else_=M.c[col])
     if col in _TIMESTAMPS:
@@ -531,10 +532,10 @@ async def apply_changes(conn: AsyncConnection, changed: dict[str, dict[str, Any]
         if "status" in delta and not failing:
             params["v_rank"] = status_policy.STATUS_RANK[delta["status"]]
         groups[(cols, failing)].append(params)
-    for (cols, failing), params in groups.items():
+    for (cols, failing), group in groups.items():
         await conn.execute(
             update(M).where(M.c.id == bindparam("m_id")).values({c: _guarded(c, failing) for c in cols}),
-            params,
+            group,
         )
 
 

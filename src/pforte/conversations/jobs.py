@@ -40,7 +40,7 @@ from pforte.conversations import status as status_policy
 from pforte.conversations.models import Attachment, Message
 from pforte.crypto.blobs import BlobStore
 from pforte.crypto.keys import KeyService
-from pforte.db import Database
+from pforte.db import Database, table_of
 from pforte.events import EventBus, LiveEvent
 from pforte.metrics import Metrics
 from pforte.outbox.models import Job
@@ -48,10 +48,10 @@ from pforte.outbox.ratelimit import RateLimits
 from pforte.outbox.worker import ClaimedJob, OutboxWorker, backoff_seconds, finish
 
 log = logging.getLogger("pforte.jobs")
-M = Message.__table__
-A = Attachment.__table__
-C = Contact.__table__
-J = Job.__table__
+M = table_of(Message)
+A = table_of(Attachment)
+C = table_of(Contact)
+J = table_of(Job)
 
 MAX_SEND_ATTEMPTS = 12
 MAX_MEDIA_ATTEMPTS = 8

@@ -24,13 +24,15 @@ from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from pforte.clock import Clock, SystemClock
 from pforte.crypto.envelope import FieldCipher
 from pforte.crypto.models import DataKey
 from pforte.db import new_id
 from pforte.errors import ConfigError, CryptoError
+
+Executor = AsyncSession | AsyncConnection
 
 
 class KeyProvider(Protocol):
@@ -125,7 +127,7 @@ class KeyService:
     ) -> tuple[dict[str, Any], bytes]:
         """A fresh DEK: the row to insert (wrapped) and the plaintext key (cached)."""
         key = secrets.token_bytes(32)
-        row = {
+        row: dict[str, Any] = {
             "id": new_id(),
             "org_id": org_id,
             "purpose": purpose,
@@ -167,7 +169,7 @@ class KeyService:
         except InvalidUnwrap:
             raise CryptoError("data key does not unwrap under its KEK") from None
 
-    async def ciphers(self, session: AsyncSession, dek_ids: set[str]) -> dict[str, FieldCipher]:
+    async def ciphers(self, session: Executor, dek_ids: set[str]) -> dict[str, FieldCipher]:
         """Ciphers for many DEKs, loading the uncached ones in one query."""
         out: dict[str, FieldCipher] = {}
         missing = []
@@ -182,17 +184,17 @@ class KeyService:
                 select(DataKey.id, DataKey.kek_id, DataKey.wrapped).where(DataKey.id.in_(missing))
             )
             for dek_id, kek_id, wrapped in rows:
-                out[dek_id] = self._remember(dek_id, self.unwrap(kek_id=kek_id, wrapped=wrapped))
+                out[dek_id] = self._remember(str(dek_id), self.unwrap(kek_id=kek_id, wrapped=wrapped))
         absent = dek_ids - out.keys()
         if absent:
             raise CryptoError("data key missing")
         return out
 
-    async def cipher(self, session: AsyncSession, dek_id: str) -> FieldCipher:
+    async def cipher(self, session: Executor, dek_id: str) -> FieldCipher:
         """The cipher of one DEK."""
         return (await self.ciphers(session, {dek_id}))[dek_id]
 
-    async def raw_key(self, session: AsyncSession, dek_id: str) -> bytes:
+    async def raw_key(self, session: Executor, dek_id: str) -> bytes:
         """The plaintext bytes of one DEK (for HMAC keys such as the blind index)."""
         await self.ciphers(session, {dek_id})
         hit = self._cached(dek_id)

@@ -29,7 +29,7 @@ async def create(
         raise ValidationError("slug must be 2-63 lower-case letters, digits or dashes")
     if not name.strip():
         raise ValidationError("name must not be empty")
-    if await get_by_slug(session=session, slug=slug, missing_ok=True):
+    if await find_by_slug(session=session, slug=slug):
         raise ConflictError("an organisation with this slug exists")
     kek_id = keys.provider.create_kek()
     org = Organisation(
@@ -60,10 +60,15 @@ async def get(*, session: AsyncSession, org_id: str) -> Organisation:
     return org
 
 
-async def get_by_slug(*, session: AsyncSession, slug: str, missing_ok: bool = False) -> Organisation | None:
-    """One organisation by slug."""
-    org = (await session.execute(select(Organisation).where(Organisation.slug == slug))).scalar_one_or_none()
-    if org is None and not missing_ok:
+async def find_by_slug(*, session: AsyncSession, slug: str) -> Organisation | None:
+    """One organisation by slug, or None."""
+    return (await session.execute(select(Organisation).where(Organisation.slug == slug))).scalar_one_or_none()
+
+
+async def get_by_slug(*, session: AsyncSession, slug: str) -> Organisation:
+    """One organisation by slug; NotFoundError if there is none."""
+    org = await find_by_slug(session=session, slug=slug)
+    if org is None:
         raise NotFoundError("organisation not found")
     return org
 

@@ -27,12 +27,12 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pforte.clock import Clock
-from pforte.db import Database
+from pforte.db import Database, table_of
 from pforte.metrics import Metrics
 from pforte.outbox.models import Job
 
 log = logging.getLogger("pforte.outbox")
-J = Job.__table__
+J = table_of(Job)
 
 
 @dataclass(frozen=True, slots=True)

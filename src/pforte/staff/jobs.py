@@ -8,10 +8,11 @@ from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pforte.clock import Clock
+from pforte.db import table_of
 from pforte.outbox.worker import OutboxWorker
 from pforte.staff.models import StaffSession
 
-S = StaffSession.__table__
+S = table_of(StaffSession)
 
 
 def register(worker: OutboxWorker, *, clock: Clock, idle: timedelta, every_seconds: float = 300.0) -> None:
