@@ -172,6 +172,7 @@ async def test_expired_token_takes_the_channel_down_until_an_admin_fixes_it(worl
         await channels.update_token(
             session=s,
             keys=world.services.keys,
+            org_id=world.org_id,
             channel_id=world.channel_id,
             access_token="sim-access-token-abc",
             now=world.services.clock.now(),
@@ -200,7 +201,12 @@ async def test_worker_crash_after_send_started_marks_for_review_and_never_resend
     # Staff decide to resend: exactly one message goes out.
     async with world.services.db.transaction() as s:
         await conv.resolve_review(
-            session=s, org_id=world.org_id, message_id=mid, resend=True, now=world.services.clock.now()
+            session=s,
+            org_id=world.org_id,
+            conversation_id=cid,
+            message_id=mid,
+            action="resend",
+            now=world.services.clock.now(),
         )
     await world.settle()
     assert len(world.sim.business_messages(PNID)) == 1

@@ -149,16 +149,23 @@ async def set_state(
 
 
 async def update_token(
-    *, session: AsyncSession, keys: KeyService, channel_id: str, access_token: str, now: datetime
+    *, session: AsyncSession, keys: KeyService, org_id: str, channel_id: str, access_token: str, now: datetime
 ) -> None:
-    """Replace the access token and bring the channel back UP."""
-    ch = await session.get(Channel, channel_id)
-    if ch is None:
+    """Replace the access token of one of the organisation's channels and bring it back UP."""
+    row = (
+        await session.execute(
+            select(Channel, Organisation.org_key_id)
+            .join(Organisation, Organisation.id == Channel.org_id)
+            .where(Channel.id == channel_id, Channel.org_id == org_id)
+        )
+    ).first()
+    if row is None:
         raise NotFoundError("channel not found")
-    org = await session.get(Organisation, ch.org_id)
-    assert org is not None
-    cipher = await keys.cipher(session, org.org_key_id)
-    ch.access_token_enc = cipher.seal_text(access_token, "channels", "access_token", ch.id) or b""
+    ch, org_key_id = row
+    if not access_token.strip():
+        raise ValidationError("the access token is empty", code="empty")
+    cipher = await keys.cipher(session, org_key_id)
+    ch.access_token_enc = cipher.seal_text(access_token.strip(), "channels", "access_token", ch.id) or b""
     ch.state, ch.state_reason, ch.state_changed_at = "UP", None, now
     await session.flush()
 

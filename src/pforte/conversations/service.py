@@ -561,15 +561,21 @@ async def counts(*, session: AsyncSession, org_id: str) -> dict[str, int]:
 
 
 async def resolve_review(
-    *, session: AsyncSession, org_id: str, message_id: str, resend: bool, now: datetime
+    *, session: AsyncSession, org_id: str, conversation_id: str, message_id: str, action: str, now: datetime
 ) -> None:
-    """Staff decide on a message whose send outcome was unknown: resend it, or mark it as not sent."""
+    """Staff decide on a message whose send outcome was unknown: "resend" it, or "discard" (not sent)."""
     msg = (
-        await session.execute(select(Message).where(Message.id == message_id, Message.org_id == org_id))
+        await session.execute(
+            select(Message).where(
+                Message.id == message_id, Message.org_id == org_id, Message.conversation_id == conversation_id
+            )
+        )
     ).scalar_one_or_none()
     if msg is None or msg.status != "review":
         raise NotFoundError("no message awaiting review")
-    if resend:
+    if action not in ("resend", "discard"):
+        raise ValidationError("unknown action", code="invalid_action")
+    if action == "resend":
         msg.status, msg.review_reason = "queued", None
         await outbox.enqueue(
             session=session,
@@ -585,3 +591,12 @@ async def resolve_review(
             .where(Message.id == msg.id)
             .values(status="failed", error_reason="not_sent_after_review", failed_at=now, review_reason=None)
         )
+
+
+async def ensure(*, session: AsyncSession, org_id: str, conversation_id: str) -> None:
+    """NotFoundError unless the conversation exists in this organisation (cheap check before heavy work)."""
+    found = await session.execute(
+        select(Conversation.id).where(Conversation.id == conversation_id, Conversation.org_id == org_id)
+    )
+    if found.first() is None:
+        raise NotFoundError("conversation not found")

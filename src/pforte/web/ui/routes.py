@@ -28,7 +28,6 @@ from pforte.channels import service as channels
 from pforte.conversations import service as conv
 from pforte.errors import (
     AuthenticationError,
-    NotFoundError,
     PayloadTooLarge,
     PermissionDenied,
     ValidationError,
@@ -421,6 +420,7 @@ async def send_media(
         if int(request.headers.get("content-length", "0")) > limit + 64 * 1024:
             raise PayloadTooLarge("the file is too large", code="too_large")
     await check_csrf(request, user)
+    await conv.ensure(session=session, org_id=user.org_id, conversation_id=conversation_id)
     upload = (await request.form()).get("file")
     if not isinstance(upload, UploadFile) or not upload.filename:
         raise ValidationError("choose a file to send", code="empty")
@@ -458,23 +458,12 @@ async def resolve_review(
     """A message whose send outcome is unknown: send it again, or mark it as not sent."""
     await check_csrf(request, user)
     services = get_services(request)
-    action = await _form_text(request, "action", 16)
-    if action not in ("resend", "discard"):
-        raise ValidationError("unknown action")
-    view = await conv.get(
-        session=session,
-        keys=services.keys,
-        org_id=user.org_id,
-        conversation_id=conversation_id,
-        now=services.clock.now(),
-    )
-    if not any(m.id == message_id for m in view.messages):
-        raise NotFoundError("no message awaiting review")
     await conv.resolve_review(
         session=session,
         org_id=user.org_id,
+        conversation_id=conversation_id,
         message_id=message_id,
-        resend=action == "resend",
+        action=await _form_text(request, "action", 16),
         now=services.clock.now(),
     )
     return await _after_send(request, session, user, conversation_id)
@@ -573,14 +562,11 @@ async def channel_token(
     """Replace a channel's access token and bring it back UP."""
     await check_csrf(request, user)
     services = get_services(request)
-    if channel_id not in {c.id for c in await channels.list_(session=session, org_id=user.org_id)}:
-        raise NotFoundError("channel not found")
-    token = (await _form_text(request, "access_token", 4096)).strip()
-    if not token:
-        raise ValidationError("the access token is empty", code="empty")
+    token = await _form_text(request, "access_token", 4096)
     await channels.update_token(
         session=session,
         keys=services.keys,
+        org_id=user.org_id,
         channel_id=channel_id,
         access_token=token,
         now=services.clock.now(),

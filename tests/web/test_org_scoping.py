@@ -1,0 +1,115 @@
+"""DESIGN invariant 6: every route with an object id, walked by an admin of ANOTHER organisation, is 404.
+
+The route list is read from the app itself, so a route added later without scoping fails here.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from sqlalchemy import select
+from starlette.routing import Route
+from tests.conftest import PASSWORD, PNID
+from tests.web.test_inbox import HTML, csrf_of
+
+from pforte.conversations.models import Attachment, Message
+from pforte.orgs import service as orgs
+from pforte.staff import service as staff
+
+ID_PARAMS = {"conversation_id", "attachment_id", "message_id", "channel_id"}
+NOT_SCOPED_BY_ORG = {"/webhooks/whatsapp/{channel_id}"}  # authenticated by the channel's own secrets
+
+
+def all_routes(routes, prefix: str = ""):
+    """Every endpoint route, descending into included routers (FastAPI nests them)."""
+    for r in routes:
+        inner = getattr(r, "original_router", None)
+        if inner is not None:
+            yield from all_routes(inner.routes, prefix + r.include_context.prefix)
+        elif isinstance(r, Route):
+            yield prefix + r.path, r
+
+
+async def _objects_of_org_one(world) -> dict[str, str]:
+    await world.sim.patient_send_media(
+        user=world.patient,
+        phone_number_id=PNID,
+        kind="image",
+        data=b"\x89PNG\r\n\x1a\n" + b"p" * 40,
+        mime_type="image/png",
+    )
+    await world.settle()
+    async with world.services.db.transaction() as s:
+        msg = (await s.execute(select(Message))).scalars().one()
+        att = (await s.execute(select(Attachment))).scalars().one()
+    return {
+        "conversation_id": msg.conversation_id,
+        "message_id": msg.id,
+        "attachment_id": att.id,
+        "channel_id": world.channel_id,
+    }
+
+
+async def test_another_organisations_admin_gets_404_on_every_object_route(world):
+    ids = await _objects_of_org_one(world)
+    now = world.services.clock.now()
+    async with world.services.db.transaction() as s:
+        other = await orgs.create(
+            session=s, keys=world.services.keys, name="Andere Praxis", slug="andere", now=now
+        )
+        await staff.create(
+            session=s,
+            org_id=other.id,
+            email="admin@andere.test",
+            display_name="Fremd",
+            password=PASSWORD,
+            role="admin",
+            now=now,
+        )
+    assert (await world.login("admin@andere.test")).status_code in (200, 303)
+    token = csrf_of((await world.client.get("/", headers=HTML)).text)
+    walked = []
+    for template, route in all_routes(world.app.routes):
+        if template in NOT_SCOPED_BY_ORG:
+            continue
+        params = set(re.findall(r"{(\w+)}", template))
+        if not params & ID_PARAMS:
+            continue
+        assert params <= ID_PARAMS, f"unknown path parameter in {template}"
+        path = template
+        for name in params:
+            path = path.replace("{" + name + "}", ids[name])
+        for method in sorted(route.methods - {"HEAD"}):
+            r = await world.client.request(
+                method,
+                path,
+                headers={**HTML, "x-csrf-token": token},
+                data={"csrf_token": token, "text": "x", "access_token": "y"},
+            )
+            walked.append((method, template, r.status_code))
+    assert len(walked) >= 8, walked
+    assert [w for w in walked if w[2] != 404] == []
+    # ... and nothing changed for the organisation that owns them.
+    assert world.sim.business_messages(PNID) == []
+
+
+@pytest.mark.parametrize("path", ["/", "/partials/conversations"])
+async def test_lists_show_nothing_of_another_organisation(world, path):
+    await _objects_of_org_one(world)
+    now = world.services.clock.now()
+    async with world.services.db.transaction() as s:
+        other = await orgs.create(session=s, keys=world.services.keys, name="Andere", slug="andere", now=now)
+        await staff.create(
+            session=s,
+            org_id=other.id,
+            email="staff@andere.test",
+            display_name="Fremd",
+            password=PASSWORD,
+            role="staff",
+            now=now,
+        )
+    await world.login("staff@andere.test")
+    r = await world.client.get(path, headers=HTML)
+    assert r.status_code == 200
+    assert "Erika Mustermann" not in r.text and "data-conversation-id" not in r.text
