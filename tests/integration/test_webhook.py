@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -274,3 +275,32 @@ async def test_concurrent_status_writers_cannot_downgrade(world):
     assert m.sent_at == t_sent  # an empty timestamp is filled ...
     assert m.delivered_at == now  # ... a set one is never replaced
     assert m.error_code is None and m.failed_at is None  # a failure after delivery changes nothing
+
+
+async def test_simulator_redelivers_after_503_and_the_message_is_stored_once(world, db_kind, tmp_path):
+    db = world.services.db
+    good = db.engine
+    dead_url = (
+        "postgresql+asyncpg://postgres@127.0.0.1:1/none"
+        if db_kind == "postgresql"
+        else f"sqlite+aiosqlite:///{tmp_path}/missing-dir/x.sqlite3"
+    )
+    db.engine = create_async_engine(dead_url)
+    world.services.channels.invalidate()
+    try:
+        await world.sim.patient_send_text(user=world.patient, phone_number_id=PNID, text="Bitte Rückruf")
+        for _ in range(200):  # wait for the first delivery attempt to be refused
+            log = world.sim.webhook_log
+            if log and log[-1].status_codes:
+                break
+            await asyncio.sleep(0.01)
+        assert world.sim.webhook_log[-1].status_codes[0] == 503
+    finally:
+        await db.engine.dispose()
+        db.engine = good
+    await world.settle()
+    delivery = world.sim.webhook_log[-1]
+    assert delivery.state == "delivered" and delivery.status_codes[-1] == 200
+    assert len(delivery.status_codes) >= 2
+    msgs = await all_rows(world.services, Message)
+    assert len(msgs) == 1 and msgs[0].direction == "in"
