@@ -18,18 +18,15 @@ from typing import Any
 
 import httpx
 import pytest
+from tests.helpers import seed_clinic
 
 from pforte import migrate
 from pforte.app import create_app
 from pforte.bootstrap import Services, build_services
-from pforte.channels import service as channels
 from pforte.channels.simulator import SimulatorConfig, create_simulator_app
 from pforte.clock import SystemClock
 from pforte.config import Settings
-from pforte.conversations.models import MessageTemplate
 from pforte.models import Base
-from pforte.orgs import service as orgs
-from pforte.staff import service as staff
 
 PG_ADMIN = os.environ.get("PFORTE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 PASSWORD = "correct horse battery"
@@ -172,65 +169,16 @@ async def world(settings: Settings) -> AsyncIterator[World]:
     pforte_proxy.app = app
     await services.start()
     await sim.start()
-    now = services.clock.now()
-    async with services.db.transaction() as session:
-        org = await orgs.create(
-            session=session, keys=services.keys, name="Klinikum Test", slug="klinikum", now=now
-        )
-        await staff.create(
-            session=session,
-            org_id=org.id,
-            email="admin@klinikum.test",
-            display_name="Admin",
-            password=PASSWORD,
-            role="admin",
-            now=now,
-        )
-        user = await staff.create(
-            session=session,
-            org_id=org.id,
-            email="dr.weiss@klinikum.test",
-            display_name="Dr. Weiss",
-            password=PASSWORD,
-            role="staff",
-            now=now,
-        )
-        ch = await channels.add_whatsapp(
-            session=session,
-            keys=services.keys,
-            org=org,
-            name="Station 3",
-            phone_number_id=PNID,
-            display_phone_number="+49 30 1234567",
-            access_token=ACCESS_TOKEN,
-            app_secret=APP_SECRET,
-            verify_token="verify-me",
-            graph_base_url="https://graph.test",
-            now=now,
-        )
-        tpl = MessageTemplate(
-            org_id=org.id,
-            name="termin_erinnerung",
-            language="de",
-            body="Guten Tag {{1}}, bitte melden Sie sich bei uns.",
-            param_count=1,
-            created_at=now,
-        )
-        session.add(tpl)
-        await session.flush()
-        ids = (org.id, ch.id, user.id, tpl.id)
-    sim.add_number(
-        phone_number_id=PNID,
-        display_phone_number="+49 30 1234567",
+    clinic = await seed_clinic(
+        services,
+        sim,
+        graph_base_url="https://graph.test",
+        pforte_base_url="https://testserver",
+        pnid=PNID,
         access_token=ACCESS_TOKEN,
         app_secret=APP_SECRET,
-        webhook_url=f"https://testserver/webhooks/whatsapp/{ids[1]}",
-        verify_token="verify-me",
+        password=PASSWORD,
     )
-    sim.add_template(
-        PNID, "termin_erinnerung", "de", body="Guten Tag {{1}}, bitte melden Sie sich bei uns.", param_count=1
-    )
-    patient = sim.add_user(name="Erika Mustermann", wa_id="4915112345678")
     client = httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app),
         base_url="https://testserver",
@@ -242,13 +190,13 @@ async def world(settings: Settings) -> AsyncIterator[World]:
         client=client,
         sim_app=sim_app,
         sim=sim,
-        org_id=ids[0],
-        channel_id=ids[1],
-        admin_email="admin@klinikum.test",
-        staff_email="dr.weiss@klinikum.test",
-        staff_id=ids[2],
-        template_id=ids[3],
-        patient=patient,
+        org_id=clinic.org_id,
+        channel_id=clinic.channel_id,
+        admin_email=clinic.admin_email,
+        staff_email=clinic.staff_email,
+        staff_id=clinic.staff_id,
+        template_id=clinic.template_id,
+        patient=clinic.patient,
     )
     try:
         yield w

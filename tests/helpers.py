@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,3 +68,98 @@ def metric(services: Any, name: str, **labels: str) -> float:
     """The current value of a Prometheus sample."""
     value = services.metrics.registry.get_sample_value(name, labels)
     return value or 0.0
+
+
+@dataclass(frozen=True)
+class Clinic:
+    """What ``seed_clinic`` created in pforte and in the simulator."""
+
+    org_id: str
+    channel_id: str
+    admin_email: str
+    staff_email: str
+    staff_id: str
+    template_id: str
+    patient: Any
+
+
+async def seed_clinic(
+    services: Any,
+    sim: Any,
+    *,
+    graph_base_url: str,
+    pforte_base_url: str,
+    pnid: str,
+    access_token: str,
+    app_secret: str,
+    password: str,
+) -> Clinic:
+    """An organisation with an admin and a staff user, a WhatsApp channel and a template in pforte,
+    the same number and template in the simulator, and one patient there."""
+    from pforte.channels import service as channels
+    from pforte.conversations.models import MessageTemplate
+    from pforte.orgs import service as orgs
+    from pforte.staff import service as staff
+
+    now = services.clock.now()
+    body = "Guten Tag {{1}}, bitte melden Sie sich bei uns."
+    async with services.db.transaction() as session:
+        org = await orgs.create(
+            session=session, keys=services.keys, name="Klinikum Test", slug="klinikum", now=now
+        )
+        await staff.create(
+            session=session,
+            org_id=org.id,
+            email="admin@klinikum.test",
+            display_name="Admin",
+            password=password,
+            role="admin",
+            now=now,
+        )
+        user = await staff.create(
+            session=session,
+            org_id=org.id,
+            email="dr.weiss@klinikum.test",
+            display_name="Dr. Weiss",
+            password=password,
+            role="staff",
+            now=now,
+        )
+        ch = await channels.add_whatsapp(
+            session=session,
+            keys=services.keys,
+            org=org,
+            name="Station 3",
+            phone_number_id=pnid,
+            display_phone_number="+49 30 1234567",
+            access_token=access_token,
+            app_secret=app_secret,
+            verify_token="verify-me",
+            graph_base_url=graph_base_url,
+            now=now,
+        )
+        tpl = MessageTemplate(
+            org_id=org.id, name="termin_erinnerung", language="de", body=body, param_count=1, created_at=now
+        )
+        session.add(tpl)
+        await session.flush()
+        ids = (org.id, ch.id, user.id, tpl.id)
+    sim.add_number(
+        phone_number_id=pnid,
+        display_phone_number="+49 30 1234567",
+        access_token=access_token,
+        app_secret=app_secret,
+        webhook_url=f"{pforte_base_url}/webhooks/whatsapp/{ids[1]}",
+        verify_token="verify-me",
+    )
+    sim.add_template(pnid, "termin_erinnerung", "de", body=body, param_count=1)
+    patient = sim.add_user(name="Erika Mustermann", wa_id="4915112345678")
+    return Clinic(
+        org_id=ids[0],
+        channel_id=ids[1],
+        admin_email="admin@klinikum.test",
+        staff_email="dr.weiss@klinikum.test",
+        staff_id=ids[2],
+        template_id=ids[3],
+        patient=patient,
+    )

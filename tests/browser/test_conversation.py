@@ -18,16 +18,13 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from tests.helpers import seed_clinic
 
 from pforte import migrate
 from pforte.app import create_app
 from pforte.bootstrap import build_services
-from pforte.channels import service as channels
 from pforte.channels.simulator import SimulatorConfig, create_simulator_app
 from pforte.config import Settings
-from pforte.conversations.models import MessageTemplate
-from pforte.orgs import service as orgs
-from pforte.staff import service as staff
 
 pytestmark = pytest.mark.browser
 
@@ -90,53 +87,17 @@ class Stack:
             run_workers=True,
         )
         services = build_services(settings)
-        now = services.clock.now()
-        async with services.db.transaction() as session:
-            org = await orgs.create(
-                session=session, keys=services.keys, name="Klinikum", slug="klinikum", now=now
-            )
-            await staff.create(
-                session=session,
-                org_id=org.id,
-                email=EMAIL,
-                display_name="Dr. Weiss",
-                password=PASSWORD,
-                role="staff",
-                now=now,
-            )
-            ch = await channels.add_whatsapp(
-                session=session,
-                keys=services.keys,
-                org=org,
-                name="Station 3",
-                phone_number_id=PNID,
-                display_phone_number="+49 30 1234567",
-                access_token="tok",
-                app_secret="secret",
-                verify_token="verify",
-                graph_base_url=self.sim_url,
-                now=now,
-            )
-            session.add(
-                MessageTemplate(
-                    org_id=org.id,
-                    name="termin",
-                    language="de",
-                    body="Hallo {{1}}",
-                    param_count=1,
-                    created_at=now,
-                )
-            )
-            channel_id = ch.id
-        sim.add_number(
-            phone_number_id=PNID,
-            display_phone_number="+49 30 1234567",
+        clinic = await seed_clinic(
+            services,
+            sim,
+            graph_base_url=self.sim_url,
+            pforte_base_url=self.pforte_url,
+            pnid=PNID,
             access_token="tok",
             app_secret="secret",
-            webhook_url=f"{self.pforte_url}/webhooks/whatsapp/{channel_id}",
-            verify_token="verify",
+            password=PASSWORD,
         )
-        self.patient_id = sim.add_user(name="Erika Mustermann", wa_id="4915112345678").user_id
+        self.patient_id = clinic.patient.user_id
         servers = [
             uvicorn.Server(
                 uvicorn.Config(

@@ -332,8 +332,11 @@ async def _new_outgoing(
     reply_to_message_id: str | None = None,
     template_name: str | None = None,
     details: dict[str, Any] | None = None,
+    require_window: bool = True,
 ) -> tuple[Message, FieldCipher, Conversation]:
     conv, contact, channel = await _load(session, org_id, conversation_id)
+    if require_window and not window_state(conv.last_inbound_at, now)[0]:
+        raise ConflictError("the 24-hour window is closed: only templates can be sent", code="needs_template")
     cipher = await keys.cipher(session, contact.dek_id)
     context_ext = None
     if reply_to_message_id:
@@ -397,9 +400,6 @@ async def send_text(
         raise ValidationError("the message is empty", code="empty")
     if len(text) > TEXT_LIMIT:
         raise ValidationError(f"the message is longer than {TEXT_LIMIT} characters", code="too_long")
-    conv, _, _ = await _load(session, org_id, conversation_id)
-    if not window_state(conv.last_inbound_at, now)[0]:
-        raise ConflictError("the 24-hour window is closed: only templates can be sent", code="needs_template")
     msg, _, _ = await _new_outgoing(
         session,
         keys,
@@ -452,6 +452,7 @@ async def send_template(
         now=now,
         template_name=tpl.name,
         details={"template": {"name": tpl.name, "language": tpl.language, "params": params}},
+        require_window=False,  # templates are the one kind allowed outside the window
     )
     return msg
 
@@ -482,9 +483,6 @@ async def send_media(
     caption = (caption or "").strip() or None
     if caption and len(caption) > CAPTION_LIMIT:
         raise ValidationError(f"the caption is longer than {CAPTION_LIMIT} characters", code="too_long")
-    conv, _, _ = await _load(session, org_id, conversation_id)
-    if not window_state(conv.last_inbound_at, now)[0]:
-        raise ConflictError("the 24-hour window is closed: only templates can be sent", code="needs_template")
     msg, cipher, _ = await _new_outgoing(
         session,
         keys,
