@@ -62,8 +62,3 @@ class FakeClock:
         """Advance by ``seconds`` and let other tasks run."""
         self.advance(max(seconds, 0.0))
         await asyncio.sleep(0)
-
-
-def utcnow() -> datetime:
-    """Current UTC time for code that has no clock injected (defaults only)."""
-    return datetime.now(UTC)

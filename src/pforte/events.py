@@ -47,7 +47,3 @@ class EventBus:
             yield q
         finally:
             self._subs[org_id].discard(q)
-
-    def subscriber_count(self, org_id: str) -> int:
-        """How many live views an organisation has open."""
-        return len(self._subs.get(org_id, ()))

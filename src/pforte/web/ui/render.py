@@ -55,11 +55,6 @@ def language(request: Request) -> str:
     return negotiate(request.headers.get("accept-language"), preferred=preferred, default=default)
 
 
-def gettext_for(request: Request):  # type: ignore[no-untyped-def]
-    """The gettext function of the request's language."""
-    return translations(language(request)).gettext
-
-
 def render(
     request: Request,
     template: str,
