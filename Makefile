@@ -48,5 +48,13 @@ i18n: $(STAMP)
 	$(BIN)/pybabel extract -F babel.cfg -o /tmp/pforte-messages.pot src/pforte
 	$(BIN)/pybabel update -i /tmp/pforte-messages.pot -d src/pforte/locale -D messages
 
+bench: $(STAMP)
+	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
+
+crash-test: $(STAMP)
+	$(BIN)/python bench/crash.py --db sqlite
+	$(BIN)/python bench/crash.py --db postgresql
+
 clean:
 	rm -rf $(VENV) node_modules $(VENDOR) .pytest_cache .ruff_cache

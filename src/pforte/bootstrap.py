@@ -16,7 +16,7 @@ from pforte.conversations.ingest import Ingestor, IngestWriter, reconcile_pendin
 from pforte.crypto.blobs import BlobStore
 from pforte.crypto.keys import FileKeyProvider, KeyProvider, KeyService
 from pforte.db import Database
-from pforte.events import EventBus
+from pforte.events import EventBus, PgEventBridge
 from pforte.metrics import Metrics
 from pforte.outbox.ratelimit import RateLimits
 from pforte.outbox.worker import OutboxWorker
@@ -38,12 +38,15 @@ class Services:
     ingest: IngestWriter
     outbox: OutboxWorker
     http: httpx.AsyncClient
+    bridge: PgEventBridge | None = None
     started: bool = False
 
     async def start(self) -> None:
         """Start background tasks (ingest writer; outbox worker unless disabled)."""
         if self.started:
             return
+        if self.bridge is not None:
+            await self.bridge.start()
         await self.ingest.start()
         if self.settings.run_workers:
             await self.outbox.start()
@@ -54,6 +57,8 @@ class Services:
         if self.started:
             await self.outbox.stop()
             await self.ingest.stop()
+            if self.bridge is not None:
+                await self.bridge.stop()
             self.started = False
         await self.http.aclose()
         await self.db.dispose()
@@ -104,9 +109,10 @@ def build_services(
             metrics=metrics,
             bus=bus,
             http=http,
-            limits=RateLimits(clock),
+            limits=RateLimits(clock, db=db),
             media_max_bytes=settings.media_max_bytes,
         ),
+        reconcile_seconds=settings.status_reconcile_seconds,
     )
     ingest.on_parked = lambda: outbox.run_soon(reconcile_pending_statuses)
     staff_jobs.register(outbox, clock=clock, idle=timedelta(minutes=settings.session_idle_minutes))
@@ -122,4 +128,5 @@ def build_services(
         ingest=ingest,
         outbox=outbox,
         http=http,
+        bridge=PgEventBridge(settings.effective_database_url, bus) if db.dialect == "postgresql" else None,
     )

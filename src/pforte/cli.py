@@ -82,6 +82,8 @@ def serve(
 
     s = _settings(host=host, port=port)
     logs.configure(s.log_level, s.log_format)
+    if workers > 1 and s.is_sqlite:
+        _fail("several worker processes need PostgreSQL (PFORTE_DATABASE_URL); SQLite runs in one process")
     if not no_migrate:
         migrate.upgrade(s.effective_database_url)
     for key, value in (("PFORTE_HOST", s.host), ("PFORTE_PORT", str(s.port))):

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     outbox_batch: int = Field(default=50, ge=1)
     outbox_lease_seconds: float = Field(default=60.0, gt=0.0)
     run_workers: bool = True
+    status_reconcile_seconds: float = Field(default=2.0, gt=0.0)
     graph_timeout_seconds: float = Field(default=15.0, gt=0.0)
 
     @field_validator("database_url")

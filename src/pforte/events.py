@@ -1,17 +1,29 @@
-"""Live events for connected inbox views (Server-Sent Events).
+"""Live events for connected inbox views (Server-Sent Events), across processes.
 
 Events carry ids only (``{"type": "conversation", "conversation_id": …}``), never content: the
 browser fetches the changed fragment through the normal, access-checked routes. Published only
 after the transaction that caused them has committed.
+
+With PostgreSQL, ``PgEventBridge`` forwards every event with ``NOTIFY pforte_events`` and LISTENs
+for the other processes' events, so a browser connected to any process sees every change. Each
+process tags its notifications and ignores its own (it already delivered them locally).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
+import os
+import secrets
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("pforte.events")
+CHANNEL = "pforte_events"
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,9 +41,16 @@ class EventBus:
     def __init__(self, queue_size: int = 256) -> None:
         self._subs: dict[str, set[asyncio.Queue[LiveEvent]]] = defaultdict(set)
         self._size = queue_size
+        self.forward: Callable[[LiveEvent], None] | None = None  # e.g. to other processes
 
     def publish(self, event: LiveEvent) -> None:
-        """Hand an event to every subscriber of its organisation."""
+        """Deliver an event here and forward it to other processes."""
+        self.deliver(event)
+        if self.forward is not None:
+            self.forward(event)
+
+    def deliver(self, event: LiveEvent) -> None:
+        """Hand an event to every local subscriber of its organisation."""
         for q in list(self._subs.get(event.org_id, ())):
             if q.full():
                 with contextlib.suppress(asyncio.QueueEmpty):
@@ -47,3 +66,88 @@ class EventBus:
             yield q
         finally:
             self._subs[org_id].discard(q)
+
+
+class PgEventBridge:
+    """Carries live events between processes over PostgreSQL LISTEN/NOTIFY (one connection each).
+
+    asyncpg allows one operation at a time per connection, so notifications go through a queue and a
+    single sender task, which sends everything queued in one statement.
+    """
+
+    def __init__(self, dsn: str, bus: EventBus) -> None:
+        self._dsn = dsn.replace("postgresql+asyncpg://", "postgresql://", 1)
+        self._bus = bus
+        self._origin = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._conn: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._outbox: asyncio.Queue[str] = asyncio.Queue(maxsize=10_000)
+        self.received = 0
+        self.dropped = 0
+
+    async def start(self) -> None:
+        """Connect, listen, and start forwarding this process's events."""
+        await self._connect()
+        self._bus.forward = self._forward
+        self._tasks = [
+            asyncio.create_task(self._supervise(), name="pforte-event-bridge"),
+            asyncio.create_task(self._sender(), name="pforte-event-sender"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop forwarding and close the connection."""
+        self._bus.forward = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._conn is not None and not self._conn.is_closed():
+            await self._conn.close()
+
+    async def _connect(self) -> None:
+        import asyncpg
+
+        self._conn = await asyncpg.connect(self._dsn)
+        await self._conn.add_listener(CHANNEL, self._on_notify)
+
+    async def _supervise(self) -> None:
+        """Reconnect if the listening connection drops (events in between are lost, not the data)."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self._conn is None or self._conn.is_closed():
+                try:
+                    await self._connect()
+                except Exception as exc:
+                    log.warning("event bridge reconnect failed", extra={"error": type(exc).__name__})
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            return
+        if data.get("o") == self._origin:
+            return
+        self.received += 1
+        self._bus.deliver(LiveEvent(org_id=data["org"], type=data["t"], conversation_id=data.get("c")))
+
+    def _forward(self, event: LiveEvent) -> None:
+        data = {"o": self._origin, "org": event.org_id, "t": event.type, "c": event.conversation_id}
+        try:
+            self._outbox.put_nowait(json.dumps(data))
+        except asyncio.QueueFull:
+            self.dropped += 1  # views elsewhere refresh on their next event; nothing stored is lost
+
+    async def _sender(self) -> None:
+        while True:
+            batch = [await self._outbox.get()]
+            while not self._outbox.empty() and len(batch) < 500:
+                batch.append(self._outbox.get_nowait())
+            try:
+                if self._conn is not None and not self._conn.is_closed():
+                    await self._conn.execute(
+                        "SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p", CHANNEL, batch
+                    )
+            except Exception as exc:
+                self.dropped += len(batch)
+                log.warning("event notify failed", extra={"error": type(exc).__name__})

@@ -6,7 +6,7 @@ from pforte.conversations.models import Attachment, Conversation, Message, Messa
 from pforte.crypto.models import DataKey
 from pforte.db import Base
 from pforte.orgs.models import Organisation
-from pforte.outbox.models import Job
+from pforte.outbox.models import Job, PeriodicRun, SendSlot
 from pforte.staff.models import StaffSession, StaffUser
 
 __all__ = [
@@ -21,6 +21,8 @@ __all__ = [
     "MessageTemplate",
     "Organisation",
     "PendingStatus",
+    "PeriodicRun",
+    "SendSlot",
     "StaffSession",
     "StaffUser",
 ]

@@ -395,3 +395,36 @@ async def test_read_receipts_only_when_the_organisation_enables_them(world, enab
     assert len(await _jobs(world, "mark_read")) == (1 if enabled else 0)
     async with world.services.db.transaction() as s:
         assert (await s.get(Conversation, cid)).unread_count == 0
+
+
+async def test_a_runner_that_lost_its_lease_neither_sends_nor_finishes(world):
+    cid = await _conversation(world)
+    mid = await _send(world, cid)
+    worker = world.services.outbox
+    (stale,) = await worker.claim(10)
+    async with world.services.db.transaction() as s:  # the runner is slow; its lease runs out
+        await s.execute(update(Job).values(locked_until=world.services.clock.now() - timedelta(seconds=1)))
+    assert await worker.recover_stale() == 1
+    (fresh,) = await worker.claim(10)
+    assert fresh.id == stale.id and fresh.locked_by != stale.locked_by
+    await worker.handlers["send_message"](stale)  # the slow runner finally gets to its send
+    assert world.sim.business_messages(PNID) == []
+    await worker.handlers["send_message"](fresh)
+    await world.settle()
+    assert len(world.sim.business_messages(PNID)) == 1
+    (job,) = await _jobs(world)
+    assert job.state == "done"
+    assert (await _message(world, mid)).status in ("sent", "delivered")
+
+
+async def test_leases_of_running_jobs_are_renewed(world):
+    cid = await _conversation(world)
+    await _send(world, cid)
+    worker = world.services.outbox
+    (_claimed,) = await worker.claim(10)
+    async with world.services.db.transaction() as s:
+        await s.execute(update(Job).values(locked_until=world.services.clock.now() + timedelta(seconds=1)))
+    await worker.renew_leases()
+    (job,) = await _jobs(world)
+    assert job.locked_until > world.services.clock.now() + timedelta(seconds=30)
+    assert await worker.recover_stale() == 0

@@ -45,7 +45,7 @@ from pforte.events import EventBus, LiveEvent
 from pforte.metrics import Metrics
 from pforte.outbox.models import Job
 from pforte.outbox.ratelimit import RateLimits
-from pforte.outbox.worker import ClaimedJob, OutboxWorker, backoff_seconds, finish
+from pforte.outbox.worker import ClaimedJob, OutboxWorker, backoff_seconds, finish, mark_started
 
 log = logging.getLogger("pforte.jobs")
 M = table_of(Message)
@@ -86,8 +86,8 @@ class JobDeps:
         )
 
 
-def register(worker: OutboxWorker, deps: JobDeps) -> None:
-    """Attach the conversation handlers to the worker."""
+def register(worker: OutboxWorker, deps: JobDeps, *, reconcile_seconds: float = 2.0) -> None:
+    """Attach the conversation handlers and periodic tasks to the worker."""
 
     async def _send(job: ClaimedJob) -> None:
         await send_message(deps, job)
@@ -101,17 +101,16 @@ def register(worker: OutboxWorker, deps: JobDeps) -> None:
     worker.register("send_message", _send, on_stale=send_outcome_unknown)
     worker.register("download_media", _download)
     worker.register("mark_read", _mark_read)
-    worker.every(2.0, ingest.reconcile_pending_statuses)
+    worker.every("reconcile_statuses", reconcile_seconds, ingest.reconcile_pending_statuses)
 
 
 async def send_outcome_unknown(conn: AsyncConnection, job: ClaimedJob, now: Any) -> None:
-    """A worker died after starting a send: mark the message for review instead of resending."""
+    """A worker died after starting a send (recovery already put the job in review): flag the message."""
     await conn.execute(
         update(M)
         .where(M.c.id == job.payload["message_id"], M.c.status.in_(("queued", "sending")))
         .values(status="review", review_reason="outcome_unknown")
     )
-    await finish(conn, job.id, state="review", now=now, error="worker stopped during send")
 
 
 async def _channel_down(deps: JobDeps, rt: ChannelRuntime, err: ChannelDownError) -> None:
@@ -134,12 +133,12 @@ async def send_message(deps: JobDeps, job: ClaimedJob) -> None:
     async with deps.db.engine.begin() as conn:
         row = (await conn.execute(select(M).where(M.c.id == mid))).first()
         if row is None or row.status not in ("queued", "sending"):
-            await finish(conn, job.id, state="done", now=now, error="nothing to send")
+            await finish(conn, job, state="done", now=now, error="nothing to send")
             return
         if rt.state != "UP":
             await finish(
                 conn,
-                job.id,
+                job,
                 state="queued",
                 now=now,
                 error="channel down",
@@ -183,10 +182,11 @@ async def send_message(deps: JobDeps, job: ClaimedJob) -> None:
     except ChannelError as err:
         await _send_failed(deps, job, row, rt, err)
         return
+    await pacer.acquire()  # wait for the slot first: a long wait must not look like a started send
     async with deps.db.engine.begin() as conn:
-        await conn.execute(update(J).where(J.c.id == job.id).values(started_at=deps.clock.now()))
+        if not await mark_started(conn, job, deps.clock.now()):
+            return  # our lease was recovered meanwhile; whoever holds the job now sends it
         await conn.execute(update(M).where(M.c.id == mid).values(status="sending"))
-    await pacer.acquire()
     try:
         result = await adapter.send(out)
     except ChannelError as err:
@@ -206,7 +206,7 @@ async def send_message(deps: JobDeps, job: ClaimedJob) -> None:
             external_id=result.external_id,
             state=status_policy.MessageState(status="accepted"),
         )
-        await finish(conn, job.id, state="done", now=now)
+        await finish(conn, job, state="done", now=now)
     deps.metrics.messages.labels("out", "accepted").inc()
     deps.bus.publish(LiveEvent(org_id=rt.org_id, type="conversation", conversation_id=row.conversation_id))
 
@@ -252,7 +252,7 @@ async def _send_failed(
             update(M).where(M.c.id == row.id, M.c.status.in_(("queued", "sending"))).values(**values)
         )
         await finish(
-            conn, job.id, state=job_state, now=now, error=err.code, retry_in=retry_in, keep_attempt=keep
+            conn, job, state=job_state, now=now, error=err.code, retry_in=retry_in, keep_attempt=keep
         )
     deps.metrics.messages.labels("out", values["status"]).inc()
     deps.bus.publish(LiveEvent(org_id=rt.org_id, type="conversation", conversation_id=row.conversation_id))
@@ -266,7 +266,7 @@ async def download_media(deps: JobDeps, job: ClaimedJob) -> None:
     async with deps.db.engine.begin() as conn:
         att = (await conn.execute(select(A).where(A.c.id == aid))).first()
         if att is None or att.state == "stored":
-            await finish(conn, job.id, state="done", now=now)
+            await finish(conn, job, state="done", now=now)
             return
         msg = (
             await conn.execute(select(M.c.channel_id, M.c.conversation_id).where(M.c.id == att.message_id))
@@ -292,7 +292,7 @@ async def download_media(deps: JobDeps, job: ClaimedJob) -> None:
             await conn.execute(update(A).where(A.c.id == aid).values(**state))
             await finish(
                 conn,
-                job.id,
+                job,
                 state="queued" if retry else "failed",
                 now=deps.clock.now(),
                 error=err.code,
@@ -316,7 +316,7 @@ async def download_media(deps: JobDeps, job: ClaimedJob) -> None:
                 attempts=job.attempts,
             )
         )
-        await finish(conn, job.id, state="done", now=deps.clock.now())
+        await finish(conn, job, state="done", now=deps.clock.now())
     deps.bus.publish(LiveEvent(org_id=rt.org_id, type="conversation", conversation_id=msg.conversation_id))
 
 
@@ -333,4 +333,4 @@ async def mark_read(deps: JobDeps, job: ClaimedJob) -> None:
         retry = isinstance(err, RetryableError) and job.attempts < 5
         state, retry_in, error = ("queued" if retry else "failed"), backoff_seconds(job.attempts), err.code
     async with deps.db.engine.begin() as conn:
-        await finish(conn, job.id, state=state, now=deps.clock.now(), error=error, retry_in=retry_in)
+        await finish(conn, job, state=state, now=deps.clock.now(), error=error, retry_in=retry_in)

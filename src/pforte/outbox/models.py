@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Index, Integer, String
+from sqlalchemy import JSON, Float, ForeignKey, Index, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from pforte.db import Base, UTCDateTime, new_id
@@ -36,3 +36,22 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
     __table_args__ = (Index("ix_jobs_state_run_after", "state", "run_after"),)
+
+
+class PeriodicRun(Base):
+    """When a periodic task last ran; claimed atomically so it runs once per interval across processes."""
+
+    __tablename__ = "periodic_runs"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_run_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    runs: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class SendSlot(Base):
+    """The next free send slot of a channel (seconds since the epoch, database clock), shared by processes."""
+
+    __tablename__ = "send_slots"
+
+    channel_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    next_slot: Mapped[float] = mapped_column(Float, default=0.0)

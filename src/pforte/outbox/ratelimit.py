@@ -1,52 +1,142 @@
 """Per-channel send pacing that never exceeds the configured messages per second.
 
-Sends are spaced ``(1 + margin)/rate`` seconds apart (a leaky bucket with no burst). Spacing of
-exactly ``1/rate`` would put at most ``rate`` starts in any one-second window, but the provider
-counts arrivals, and scheduling or network jitter can bunch two spaced requests together; the margin
-(default 5 %) absorbs that, so the Cloud API's 130429 throughput error does not fire because of us.
-Shared by all tasks of one process; several processes share the budget through ``share``.
+Sends are spaced ``(1 + margin)/rate`` seconds apart (a leaky bucket with no burst). The provider
+counts arrivals in a sliding second; with that spacing, any one-second window holds at most ``rate``
+arrivals as long as a request's lateness plus its network jitter stays under ``margin`` seconds
+(an absolute budget, whatever the rate: 100 ms at the default 10 %). So a caller that wakes more than
+``LATE_TOLERANCE`` after its slot gives the slot up and takes the next free one instead of sending
+late into the following window. The Cloud API's 130429 then does not fire because of us; the price
+is running at rate/1.1.
+``Pacer`` is shared by the tasks of one process; ``SharedPacer`` by every process on one database.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
+
+from sqlalchemy import text
 
 from pforte.clock import Clock
+from pforte.db import Database
+
+MARGIN = 0.10  # spacing is (1 + MARGIN) / rate
+LATE_TOLERANCE = 0.03  # seconds a caller may send after its slot; later, it takes a new slot
+MAX_RESLOTS = 3  # under sustained lag, send after this many tries rather than starve (a 130429 is retried)
 
 
 class Pacer:
     """Spaces calls for one channel."""
 
-    def __init__(self, rate_per_s: float, clock: Clock, margin: float = 0.05) -> None:
+    def __init__(self, rate_per_s: float, clock: Clock, margin: float = MARGIN) -> None:
         self.interval = (1.0 + margin) / rate_per_s
         self._clock = clock
         self._next = 0.0
         self._lock = asyncio.Lock()
 
     async def acquire(self) -> None:
-        """Wait for this call's slot."""
-        async with self._lock:
-            now = self._clock.monotonic()
-            slot = max(now, self._next)
-            self._next = slot + self.interval
-        delay = slot - now
-        if delay > 0:
-            await self._clock.sleep(delay)
+        """Wait for this call's slot; if woken too late, take the next free slot (at most 3 times)."""
+        for _ in range(MAX_RESLOTS):
+            async with self._lock:
+                now = self._clock.monotonic()
+                slot = max(now, self._next)
+                self._next = slot + self.interval
+            if slot > now:
+                await self._clock.sleep(slot - now)
+            if self._clock.monotonic() - slot <= LATE_TOLERANCE:
+                return
+
+
+_ENSURE_ROW = "INSERT INTO send_slots (channel_id, next_slot) VALUES (:c, 0) ON CONFLICT DO NOTHING"
+_RESERVE = """
+UPDATE send_slots
+   SET next_slot = GREATEST(next_slot, EXTRACT(EPOCH FROM clock_timestamp())) + :span
+ WHERE channel_id = :c
+RETURNING next_slot - :span AS start, EXTRACT(EPOCH FROM clock_timestamp()) AS db_now
+"""
+
+
+class SharedPacer:
+    """Pacing shared by every process on one PostgreSQL database.
+
+    The channel's next free slot lives in ``send_slots`` on the database clock. A process reserves a
+    small block of consecutive slots with one UPDATE (``GREATEST(next_slot, now) + block × interval``)
+    and maps them onto its own monotonic clock, so N processes together never exceed the rate.
+    Slots left unused for longer than one interval are dropped, never used late in a bunch.
+    """
+
+    def __init__(
+        self, channel_id: str, rate_per_s: float, db: Database, clock: Clock, margin: float = MARGIN
+    ):
+        self.channel_id = channel_id
+        self.interval = (1.0 + margin) / rate_per_s
+        self.block = max(1, int(rate_per_s // 20))  # about 50 ms of sends per reservation
+        self._db = db
+        self._clock = clock
+        self._slots: deque[float] = deque()
+        self._lock = asyncio.Lock()
+        self._row_ready = False
+
+    async def _reserve(self) -> None:
+        span = self.block * self.interval
+        async with self._db.engine.begin() as conn:
+            if not self._row_ready:
+                await conn.execute(
+                    text(
+                        "INSERT INTO send_slots (channel_id, next_slot) VALUES (:c, 0) ON CONFLICT DO NOTHING"
+                    ),
+                    {"c": self.channel_id},
+                )
+                self._row_ready = True
+            row = (
+                await conn.execute(
+                    text(_RESERVE),
+                    {"c": self.channel_id, "span": span},
+                )
+            ).one()
+        local_now = self._clock.monotonic()
+        start = local_now + (float(row.start) - float(row.db_now))
+        self._slots.extend(start + i * self.interval for i in range(self.block))
+
+    async def acquire(self) -> None:
+        """Wait for a slot reserved for this process; if woken too late, take another (at most 3 times)."""
+        for _ in range(MAX_RESLOTS):
+            async with self._lock:
+                now = self._clock.monotonic()
+                while self._slots and self._slots[0] < now - LATE_TOLERANCE:
+                    self._slots.popleft()
+                if not self._slots:
+                    await self._reserve()
+                    now = self._clock.monotonic()
+                slot = self._slots.popleft()
+            if slot > now:
+                await self._clock.sleep(slot - now)
+            if self._clock.monotonic() - slot <= LATE_TOLERANCE:
+                return
 
 
 class RateLimits:
-    """One pacer per channel, rebuilt when the channel's rate changes."""
+    """One pacer per channel, rebuilt when the channel's rate changes.
 
-    def __init__(self, clock: Clock, share: int = 1, margin: float = 0.05) -> None:
+    With a PostgreSQL database the pacers are shared by all processes (``SharedPacer``); SQLite
+    runs in one process, where a local ``Pacer`` is exact.
+    """
+
+    def __init__(self, clock: Clock, *, db: Database | None = None, margin: float = MARGIN) -> None:
         self._clock = clock
-        self._share = max(share, 1)
+        self._db = db if db is not None and db.dialect == "postgresql" else None
         self._margin = margin
-        self._pacers: dict[str, tuple[int, Pacer]] = {}
+        self._pacers: dict[str, tuple[int, Pacer | SharedPacer]] = {}
 
-    def for_channel(self, channel_id: str, rate_per_s: int) -> Pacer:
+    def for_channel(self, channel_id: str, rate_per_s: int) -> Pacer | SharedPacer:
         """The pacer of a channel at its current rate."""
         hit = self._pacers.get(channel_id)
         if hit is None or hit[0] != rate_per_s:
-            hit = (rate_per_s, Pacer(rate_per_s / self._share, self._clock, self._margin))
+            pacer: Pacer | SharedPacer
+            if self._db is not None:
+                pacer = SharedPacer(channel_id, rate_per_s, self._db, self._clock, self._margin)
+            else:
+                pacer = Pacer(rate_per_s, self._clock, self._margin)
+            hit = (rate_per_s, pacer)
             self._pacers[channel_id] = hit
         return hit[1]

@@ -17,22 +17,24 @@ import contextlib
 import logging
 import os
 import random
+import secrets
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pforte.clock import Clock
-from pforte.db import Database, table_of
+from pforte.db import Database, table_of, upsert_insert
 from pforte.metrics import Metrics
-from pforte.outbox.models import Job
+from pforte.outbox.models import Job, PeriodicRun
 
 log = logging.getLogger("pforte.outbox")
 J = table_of(Job)
+PR = table_of(PeriodicRun)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +48,21 @@ class ClaimedJob:
     payload: dict[str, Any]
     attempts: int
     started_at: datetime | None
+    locked_by: str | None = None  # the worker holding the lease; every write by the runner checks it
 
 
+@dataclass(slots=True)
+class PeriodicTask:
+    """A task the worker loop runs every ``interval`` seconds (once across processes)."""
+
+    name: str
+    interval: float
+    fn: Callable[[AsyncConnection], Awaitable[Any]]
+    checked: float = float("-inf")
+    forced: bool = False
+
+
+NEVER = datetime(2000, 1, 1, tzinfo=UTC)
 Handler = Callable[[ClaimedJob], Awaitable[None]]
 StaleHandler = Callable[[AsyncConnection, ClaimedJob, datetime], Awaitable[None]]
 
@@ -60,9 +75,20 @@ def backoff_seconds(attempts: int, retry_after: float | None = None, cap: float 
     return base * (0.75 + random.random() / 2)
 
 
+def held(job: ClaimedJob) -> Any:
+    """SQL condition: the job is still running under this claim (its lease was not taken over)."""
+    return (J.c.id == job.id) & (J.c.state == "running") & (J.c.locked_by == job.locked_by)
+
+
+async def mark_started(conn: AsyncConnection, job: ClaimedJob, now: datetime) -> bool:
+    """Record that a non-idempotent call is about to start; False if the lease was lost (do not call)."""
+    result = await conn.execute(update(J).where(held(job)).values(started_at=now))
+    return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
 async def finish(
     conn: AsyncConnection,
-    job_id: str,
+    job: ClaimedJob,
     *,
     state: str,
     now: datetime,
@@ -70,7 +96,10 @@ async def finish(
     retry_in: float | None = None,
     keep_attempt: bool = True,
 ) -> None:
-    """Close a job (done/failed/review) or put it back in the queue after ``retry_in`` seconds."""
+    """Close a job (done/failed/review) or put it back in the queue after ``retry_in`` seconds.
+
+    Only while this claim still holds the job: a runner whose lease was recovered changes nothing.
+    """
     values: dict[str, Any] = {
         "state": state,
         "updated_at": now,
@@ -83,7 +112,7 @@ async def finish(
         values["started_at"] = None
         if not keep_attempt:
             values["attempts"] = J.c.attempts - 1
-    await conn.execute(update(J).where(J.c.id == job_id).values(**values))
+    await conn.execute(update(J).where(held(job)).values(**values))
 
 
 class OutboxWorker:
@@ -106,14 +135,15 @@ class OutboxWorker:
         self.poll = poll_seconds
         self.batch = batch
         self.lease = timedelta(seconds=lease_seconds)
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"[:64]
+        self.worker_id = f"{socket.gethostname()[:30]}:{os.getpid()}:{id(self):x}"
         self.handlers: dict[str, Handler] = {}
         self.stale_handlers: dict[str, StaleHandler] = {}
         self._sem = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
-        self._periodic: list[list[Any]] = []  # [interval seconds, callable, last run (monotonic)]
+        self._periodic: list[PeriodicTask] = []
+        self._known_periodic: set[str] = set()
 
     def register(self, kind: str, handler: Handler, on_stale: StaleHandler | None = None) -> None:
         """Attach the handler of a job kind (and what to do if a worker died while running it)."""
@@ -122,24 +152,47 @@ class OutboxWorker:
             self.stale_handlers[kind] = on_stale
 
     def run_soon(self, fn: Callable[[AsyncConnection], Awaitable[Any]]) -> None:
-        """Make a periodic task due now and wake the loop."""
+        """Run a periodic task in this process at the next loop turn (for idempotent tasks), and wake it."""
         for task in self._periodic:
-            if task[1] is fn:
-                task[2] = float("-inf")
+            if task.fn is fn:
+                task.forced = True
         self.wake()
 
-    def every(self, seconds: float, fn: Callable[[AsyncConnection], Awaitable[Any]]) -> None:
-        """Run ``fn(conn)`` in its own transaction at most every ``seconds`` from the worker loop."""
-        self._periodic.append([seconds, fn, float("-inf")])
+    def every(self, name: str, seconds: float, fn: Callable[[AsyncConnection], Awaitable[Any]]) -> None:
+        """Run ``fn(conn)`` once every ``seconds`` across all processes sharing the database."""
+        self._periodic.append(PeriodicTask(name=name, interval=seconds, fn=fn))
 
     async def run_periodic(self, *, force: bool = False) -> None:
-        """Run the periodic tasks that are due."""
+        """Run the periodic tasks that are due; each run is claimed in ``periodic_runs`` first.
+
+        The claim is an UPDATE that only succeeds if the last run is at least one interval old, in the
+        same transaction as the task: on PostgreSQL a second process waits on the row lock and then
+        finds the claim taken, so a task runs once per interval however many processes there are.
+        """
+        mono = self.clock.monotonic()
         for task in self._periodic:
-            interval, fn, last = task
-            if force or self.clock.monotonic() - last >= interval:
-                task[2] = self.clock.monotonic()
-                async with self.db.engine.begin() as conn:
-                    await fn(conn)
+            forced = force or task.forced
+            if not forced and mono - task.checked < min(task.interval, 1.0):
+                continue  # look at the claim row at most once a second per task
+            task.checked, task.forced = mono, False
+            async with self.db.engine.begin() as conn:
+                if forced or await self._claim(conn, task):
+                    await task.fn(conn)
+
+    async def _claim(self, conn: AsyncConnection, task: PeriodicTask) -> bool:
+        now = self.clock.now()
+        if task.name not in self._known_periodic:
+            await conn.execute(
+                upsert_insert(conn.dialect.name, PR).on_conflict_do_nothing(index_elements=["name"]),
+                [{"name": task.name, "last_run_at": NEVER, "runs": 0}],
+            )
+            self._known_periodic.add(task.name)
+        result = await conn.execute(
+            update(PR)
+            .where(PR.c.name == task.name, PR.c.last_run_at <= now - timedelta(seconds=task.interval))
+            .values(last_run_at=now, runs=PR.c.runs + 1)
+        )
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
 
     def wake(self) -> None:
         """Look for new jobs now instead of at the next poll."""
@@ -161,8 +214,12 @@ class OutboxWorker:
             await asyncio.gather(*self._running, return_exceptions=True)
 
     async def _loop(self) -> None:
+        renewed = self.clock.monotonic()
         while True:
             try:
+                if self._running and self.clock.monotonic() - renewed > self.lease.total_seconds() / 3:
+                    await self.renew_leases()
+                    renewed = self.clock.monotonic()
                 n = await self.run_once(wait=False)
             except asyncio.CancelledError:
                 raise
@@ -214,16 +271,35 @@ class OutboxWorker:
                 .where(J.c.id.in_(sub))
                 .values(
                     state="running",
-                    locked_by=self.worker_id,
+                    locked_by=f"{self.worker_id}/{secrets.token_hex(4)}",  # unique per claim
                     locked_until=now + self.lease,
                     attempts=J.c.attempts + 1,
                     updated_at=now,
                 )
                 .returning(
-                    J.c.id, J.c.org_id, J.c.kind, J.c.channel_id, J.c.payload, J.c.attempts, J.c.started_at
+                    J.c.id,
+                    J.c.org_id,
+                    J.c.kind,
+                    J.c.channel_id,
+                    J.c.payload,
+                    J.c.attempts,
+                    J.c.started_at,
+                    J.c.locked_by,
                 )
             )
             return [ClaimedJob(**r._mapping) for r in rows]
+
+    async def renew_leases(self) -> None:
+        """Extend the leases of the jobs this worker is still running (a slow send is not a dead one)."""
+        now = self.clock.now()
+        async with self.db.engine.begin() as conn:
+            await conn.execute(
+                update(J)
+                .where(
+                    J.c.locked_by.startswith(self.worker_id + "/", autoescape=True), J.c.state == "running"
+                )
+                .values(locked_until=now + self.lease)
+            )
 
     async def recover_stale(self) -> int:
         """Handle jobs whose worker's lease ran out (the worker crashed or hung)."""
@@ -231,7 +307,14 @@ class OutboxWorker:
         async with self.db.engine.begin() as conn:
             q = (
                 select(
-                    J.c.id, J.c.org_id, J.c.kind, J.c.channel_id, J.c.payload, J.c.attempts, J.c.started_at
+                    J.c.id,
+                    J.c.org_id,
+                    J.c.kind,
+                    J.c.channel_id,
+                    J.c.payload,
+                    J.c.attempts,
+                    J.c.started_at,
+                    J.c.locked_by,
                 )
                 .where(J.c.state == "running", J.c.locked_until < now)
                 .limit(100)
@@ -241,10 +324,21 @@ class OutboxWorker:
             stale = [ClaimedJob(**r._mapping) for r in await conn.execute(q)]
             for job in stale:
                 handler = self.stale_handlers.get(job.kind)
-                if job.started_at is not None and handler is not None:
-                    await handler(conn, job, now)
+                to_review = job.started_at is not None and handler is not None
+                # One conditional UPDATE decides: atomic on SQLite too, where the SELECT above runs
+                # outside the write transaction and another process may have recovered the job meanwhile.
+                values: dict[str, Any] = {"locked_by": None, "locked_until": None, "updated_at": now}
+                if to_review:
+                    values.update(state="review", last_error="worker stopped during the call")
                 else:
-                    await finish(conn, job.id, state="queued", now=now, error="lease expired")
+                    values.update(state="queued", run_after=now, started_at=None, last_error="lease expired")
+                taken = await conn.execute(
+                    update(J)
+                    .where(J.c.id == job.id, J.c.state == "running", J.c.locked_until < now)
+                    .values(**values)
+                )
+                if taken.rowcount == 1 and to_review and handler is not None:  # type: ignore[attr-defined]
+                    await handler(conn, job, now)
         return len(stale)
 
     async def _run(self, job: ClaimedJob) -> None:

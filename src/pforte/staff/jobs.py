@@ -22,4 +22,4 @@ def register(worker: OutboxWorker, *, clock: Clock, idle: timedelta, every_secon
         now = clock.now()
         await conn.execute(delete(S).where((S.c.expires_at <= now) | (S.c.last_seen_at <= now - idle)))
 
-    worker.every(every_seconds, purge)
+    worker.every("purge_sessions", every_seconds, purge)

@@ -300,6 +300,11 @@ def _add_control_routes(app: FastAPI, sim: Simulator) -> None:
         number_or_404(pnid)
         return JSONResponse({"read": await sim.patient_read(user=user, phone_number_id=pnid)})
 
+    @app.get("/_sim/errors")
+    async def errors() -> JSONResponse:
+        """Synchronous Graph errors answered so far, by code (e.g. how many 130429)."""
+        return JSONResponse({str(code): n for code, n in sorted(sim.error_counts.items())})
+
     @app.get("/_sim/webhooks")
     async def webhooks() -> JSONResponse:
         return JSONResponse(
