@@ -95,11 +95,15 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 class Database:
     """Owns the engine and hands out sessions; created in bootstrap, disposed at shutdown."""
 
-    def __init__(self, url: str, *, echo: bool = False, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, echo: bool = False, pool_size: int = 20) -> None:
         self.url = url
-        kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": True}
-        if url.startswith("postgresql"):
-            kwargs.update(pool_size=pool_size, max_overflow=pool_size)
+        # Sized for the outbox's concurrent jobs plus requests; each job holds a connection only briefly.
+        kwargs: dict[str, Any] = {
+            "echo": echo,
+            "pool_pre_ping": True,
+            "pool_size": pool_size,
+            "max_overflow": pool_size,
+        }
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)

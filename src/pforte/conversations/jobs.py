@@ -125,68 +125,50 @@ async def _channel_down(deps: JobDeps, rt: ChannelRuntime, err: ChannelDownError
 
 
 async def send_message(deps: JobDeps, job: ClaimedJob) -> None:
-    """Send one queued staff message through its channel."""
+    """Send one queued staff message through its channel.
+
+    Two transactions for a text: after the pacing slot, one that loads the message and records
+    ``started_at`` (only while this claim holds the job), and one that records the result. A media
+    message first uploads its file (repeatable, so before ``started_at``).
+    """
     mid = job.payload["message_id"]
-    now = deps.clock.now()
     # Never hold a connection while another is opened (the channel cache may query): look up first.
     rt = await deps.channels.get(deps.db.sessionmaker, job.channel_id or "")
-    async with deps.db.engine.begin() as conn:
-        row = (await conn.execute(select(M).where(M.c.id == mid))).first()
-        if row is None or row.status not in ("queued", "sending"):
-            await finish(conn, job, state="done", now=now, error="nothing to send")
-            return
-        if rt.state != "UP":
+    if rt.state != "UP":
+        async with deps.db.engine.begin() as conn:
             await finish(
                 conn,
                 job,
                 state="queued",
-                now=now,
+                now=deps.clock.now(),
                 error="channel down",
                 retry_in=DOWN_RECHECK_SECONDS,
                 keep_attempt=False,
             )
+        return
+    adapter = deps.adapter(rt)
+    pacer = deps.limits.for_channel(rt.id, rt.rate_limit_per_s)
+    if job.payload.get("upload"):
+        try:
+            await _upload_media(deps, adapter, pacer, mid)
+        except ChannelError as err:
+            async with deps.db.engine.begin() as conn:
+                failed_row = (await conn.execute(select(M).where(M.c.id == mid))).one()
+            await _send_failed(deps, job, failed_row, rt, err)
             return
+    await pacer.acquire()  # wait for the slot first: a long wait must not look like a started send
+    async with deps.db.engine.begin() as conn:
+        row = (await conn.execute(select(M).where(M.c.id == mid))).first()
+        if row is None or row.status not in ("queued", "sending"):
+            await finish(conn, job, state="done", now=deps.clock.now(), error="nothing to send")
+            return
+        if not await mark_started(conn, job, deps.clock.now()):
+            return  # our lease was recovered meanwhile; whoever holds the job now sends it
         contact = (await conn.execute(select(C).where(C.c.id == row.contact_id))).one()
         cipher = await deps.keys.cipher(conn, contact.dek_id)
         att = (await conn.execute(select(A).where(A.c.message_id == mid))).first()
-    adapter = deps.adapter(rt)
-    pacer = deps.limits.for_channel(rt.id, rt.rate_limit_per_s)
-    text = cipher.open_text(row.body_enc, "messages", "body", mid)
-    details = json.loads(cipher.open_text(row.details_enc, "messages", "details", mid) or "{}")
-    media_id, filename = None, None
-    try:
-        if att is not None:
-            filename = cipher.open_text(att.filename_enc, "attachments", "filename", att.id)
-            media_id = att.media_id
-            if media_id is None:  # upload first: harmless to repeat, so it happens before started_at
-                data = deps.blobs.get(cipher=cipher, attachment_id=att.id, name=att.blob_name)
-                await pacer.acquire()
-                media_id = await adapter.upload_media(
-                    data=data, mime_type=att.mime_type, filename=filename or "file"
-                )
-                async with deps.db.engine.begin() as conn:
-                    await conn.execute(update(A).where(A.c.id == att.id).values(media_id=media_id))
-        tpl = details.get("template") or {}
-        out = OutboundMessage(
-            to_user_id=cipher.open_text(contact.bsuid_enc, "contacts", "bsuid", contact.id),
-            to_phone=_e164(cipher.open_text(contact.phone_enc, "contacts", "phone", contact.id)),
-            kind=row.type if row.type in ("text", "image", "document", "template") else "text",
-            text=None if row.type == "template" else text,
-            media_id=media_id,
-            filename=filename,
-            template_name=tpl.get("name"),
-            template_language=tpl.get("language"),
-            template_params=tuple(tpl.get("params") or ()),
-            reply_to_external_id=row.context_external_id,
-        )
-    except ChannelError as err:
-        await _send_failed(deps, job, row, rt, err)
-        return
-    await pacer.acquire()  # wait for the slot first: a long wait must not look like a started send
-    async with deps.db.engine.begin() as conn:
-        if not await mark_started(conn, job, deps.clock.now()):
-            return  # our lease was recovered meanwhile; whoever holds the job now sends it
         await conn.execute(update(M).where(M.c.id == mid).values(status="sending"))
+    out = _outbound(cipher, row, contact, att)
     try:
         result = await adapter.send(out)
     except ChannelError as err:
@@ -209,6 +191,43 @@ async def send_message(deps: JobDeps, job: ClaimedJob) -> None:
         await finish(conn, job, state="done", now=now)
     deps.metrics.messages.labels("out", "accepted").inc()
     deps.bus.publish(LiveEvent(org_id=rt.org_id, type="conversation", conversation_id=row.conversation_id))
+
+
+async def _upload_media(deps: JobDeps, adapter: WhatsAppAdapter, pacer: Any, mid: str) -> None:
+    """Upload a staff message's file to the provider once (the media id is kept for retries)."""
+    async with deps.db.engine.begin() as conn:
+        att = (await conn.execute(select(A).where(A.c.message_id == mid))).first()
+        if att is None or att.media_id is not None:
+            return
+        dek_id = (await conn.execute(select(C.c.dek_id).where(C.c.id == att.contact_id))).scalar_one()
+        cipher = await deps.keys.cipher(conn, dek_id)
+    data = deps.blobs.get(cipher=cipher, attachment_id=att.id, name=att.blob_name)
+    filename = cipher.open_text(att.filename_enc, "attachments", "filename", att.id) or "file"
+    await pacer.acquire()
+    media_id = await adapter.upload_media(data=data, mime_type=att.mime_type, filename=filename)
+    async with deps.db.engine.begin() as conn:
+        await conn.execute(update(A).where(A.c.id == att.id).values(media_id=media_id))
+
+
+def _outbound(cipher: Any, row: Any, contact: Any, att: Any) -> OutboundMessage:
+    """The channel-neutral message to send, decrypted from the stored rows."""
+    mid = row.id
+    details = json.loads(cipher.open_text(row.details_enc, "messages", "details", mid) or "{}")
+    tpl = details.get("template") or {}
+    return OutboundMessage(
+        to_user_id=cipher.open_text(contact.bsuid_enc, "contacts", "bsuid", contact.id),
+        to_phone=_e164(cipher.open_text(contact.phone_enc, "contacts", "phone", contact.id)),
+        kind=row.type if row.type in ("text", "image", "document", "template") else "text",
+        text=None if row.type == "template" else cipher.open_text(row.body_enc, "messages", "body", mid),
+        media_id=att.media_id if att is not None else None,
+        filename=cipher.open_text(att.filename_enc, "attachments", "filename", att.id)
+        if att is not None
+        else None,
+        template_name=tpl.get("name"),
+        template_language=tpl.get("language"),
+        template_params=tuple(tpl.get("params") or ()),
+        reply_to_external_id=row.context_external_id,
+    )
 
 
 def _e164(phone: str | None) -> str | None:

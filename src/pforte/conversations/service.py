@@ -333,6 +333,7 @@ async def _new_outgoing(
     template_name: str | None = None,
     details: dict[str, Any] | None = None,
     require_window: bool = True,
+    upload: bool = False,
 ) -> tuple[Message, FieldCipher, Conversation]:
     conv, contact, channel = await _load(session, org_id, conversation_id)
     if require_window and not window_state(conv.last_inbound_at, now)[0]:
@@ -377,7 +378,7 @@ async def _new_outgoing(
         org_id=org_id,
         kind="send_message",
         channel_id=channel.id,
-        payload={"message_id": mid},
+        payload={"message_id": mid, "upload": True} if upload else {"message_id": mid},
         now=now,
     )
     return msg, cipher, conv
@@ -492,6 +493,7 @@ async def send_media(
         type_=kind,
         text=caption,
         now=now,
+        upload=True,
     )
     aid = new_id()
     blob = blobs.put(cipher=cipher, attachment_id=aid, data=data)
