@@ -27,6 +27,8 @@ from pforte.channels.simulator import SimulatorConfig, create_simulator_app
 from pforte.clock import SystemClock
 from pforte.config import Settings
 from pforte.models import Base
+from pforte.orgs import service as orgs
+from pforte.staff import service as staff
 
 PG_ADMIN = os.environ.get("PFORTE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 PASSWORD = "correct horse battery"
@@ -143,6 +145,24 @@ class World:
         return await self.client.post(
             "/login", data={"email": email or self.staff_email, "password": password}
         )
+
+    async def add_other_org(self, email: str, role: str = "staff", slug: str = "andere") -> str:
+        """Another organisation with one user (for scoping tests); returns its id."""
+        now = self.services.clock.now()
+        async with self.services.db.transaction() as s:
+            other = await orgs.create(
+                session=s, keys=self.services.keys, name=slug.title(), slug=slug, now=now
+            )
+            await staff.create(
+                session=s,
+                org_id=other.id,
+                email=email,
+                display_name=slug,
+                password=PASSWORD,
+                role=role,
+                now=now,
+            )
+            return other.id
 
     async def settle(self, rounds: int = 5) -> None:
         """Let webhooks and outbox jobs run until both are quiet."""

@@ -119,6 +119,7 @@ async def test_free_text_outside_the_window_is_refused_before_queueing(world):
     assert await _jobs(world) == []
 
 
+@pytest.mark.dsk("II.2")
 @pytest.mark.parametrize(
     ("code", "asynchronous", "reason"),
     [
@@ -376,6 +377,7 @@ async def test_staff_image_is_uploaded_and_sent_by_media_id(world):
     assert (await _message(world, msg.id)).status in ("sent", "delivered")
 
 
+@pytest.mark.dsk("I.12")
 @pytest.mark.parametrize("enabled", [False, True])
 async def test_read_receipts_only_when_the_organisation_enables_them(world, enabled):
     from pforte.orgs.models import Organisation

@@ -19,6 +19,7 @@ from pforte.errors import ConfigError, CryptoError
 KEY = bytes(range(32))
 
 
+@pytest.mark.dsk("I.3b")
 def test_seal_open_round_trip_and_fresh_nonces():
     c = FieldCipher(KEY)
     a = c.seal_text("Befund", "messages", "body", "m1")
@@ -50,6 +51,7 @@ def test_flipped_bit_and_wrong_key_fail():
         c.open(b"\x02" + bytes(40), b"a")
 
 
+@pytest.mark.dsk("I.9b")
 def test_key_file_is_0600_in_0700_dir_and_survives_reload(tmp_path):
     path = tmp_path / "keys" / "ring.json"
     p = FileKeyProvider(path)
@@ -60,6 +62,7 @@ def test_key_file_is_0600_in_0700_dir_and_survives_reload(tmp_path):
     assert "key" not in json.dumps(p.list_keks())
 
 
+@pytest.mark.dsk("I.9b")
 def test_key_file_readable_by_others_is_refused(tmp_path):
     path = tmp_path / "ring.json"
     FileKeyProvider(path).create_kek()
@@ -100,6 +103,7 @@ def test_dek_cache_expires(tmp_path):
     assert ks._cached(row["id"]) is None
 
 
+@pytest.mark.dsk("I.3a")
 def test_blind_index_normalises_phone_formats_and_is_keyed():
     a = blind_index(KEY, "phone", "+49 151 1234-5678")
     assert a == blind_index(KEY, "phone", "0049 15112345678") == blind_index(KEY, "phone", "4915112345678")
@@ -109,6 +113,7 @@ def test_blind_index_normalises_phone_formats_and_is_keyed():
     assert "4915112345678" not in a
 
 
+@pytest.mark.dsk("I.3b")
 def test_blob_store_encrypts_and_binds_to_attachment(tmp_path):
     store = BlobStore(tmp_path)
     c = FieldCipher(KEY)

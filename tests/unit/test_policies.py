@@ -31,6 +31,7 @@ def _apply(state: MessageState, status: str, minute: int, code: int | None = Non
     return MessageState(**fields)
 
 
+@pytest.mark.dsk("II.2")
 def test_statuses_never_downgrade_whatever_the_order():
     s = MessageState(status="accepted")
     s = _apply(s, "read", 3)

@@ -6,6 +6,7 @@ import re
 from datetime import timedelta
 
 import httpx
+import pytest
 from sqlalchemy import select, update
 
 from pforte.conversations.models import Message
@@ -36,6 +37,7 @@ async def open_conversation(world) -> tuple[str, str]:
     return conversation_id, csrf_of(page.text)
 
 
+@pytest.mark.dsk("I.2")
 async def test_login_sets_a_strict_session_cookie(world):
     resp = await world.login()
     assert resp.status_code == 303
@@ -90,6 +92,7 @@ async def test_login_from_another_origin_is_refused(world):
     assert "pforte_session" not in resp.headers.get("set-cookie", "")
 
 
+@pytest.mark.dsk("I.2")
 async def test_logout_ends_the_session(world):
     await world.login()
     page = await world.client.get("/", headers=HTML)
@@ -135,6 +138,7 @@ async def test_send_without_or_with_wrong_csrf_is_refused_and_nothing_is_sent(wo
     assert [m.text for m in world.sim.business_messages(PNID)] == ["with token"]
 
 
+@pytest.mark.dsk("I.2")
 async def test_idle_session_expires(world):
     await world.login()
     assert (await world.client.get("/", headers=HTML)).status_code == 200

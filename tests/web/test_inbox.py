@@ -13,8 +13,6 @@ from sqlalchemy import select, update
 
 from pforte.channels import service as channels
 from pforte.conversations.models import Conversation, Message
-from pforte.orgs import service as orgs
-from pforte.staff import service as staff
 from pforte.web.ui import sse
 
 PNID = "106540352242922"
@@ -334,20 +332,7 @@ async def test_another_organisation_gets_404(world):
     conversation_id = await first_conversation_id(world)
     page = await open_page(world, conversation_id)
     attachment_id = re.search(r'<img src="/attachments/(\w+)"', page.text).group(1)
-    now = world.services.clock.now()
-    async with world.services.db.transaction() as s:
-        other = await orgs.create(
-            session=s, keys=world.services.keys, name="Praxis B", slug="praxis-b", now=now
-        )
-        await staff.create(
-            session=s,
-            org_id=other.id,
-            email="b@praxis.test",
-            display_name="B",
-            password=PASSWORD,
-            role="admin",
-            now=now,
-        )
+    await world.add_other_org("b@praxis.test", role="admin")
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=world.app), base_url="https://testserver"
     ) as c:
@@ -495,20 +480,7 @@ async def test_event_stream_reports_a_new_patient_message(world):
 
 async def test_event_stream_is_org_scoped_heartbeats_and_ends_with_the_session(world, monkeypatch):
     monkeypatch.setattr(sse, "HEARTBEAT_SECONDS", 0.2)
-    now = world.services.clock.now()
-    async with world.services.db.transaction() as s:
-        other = await orgs.create(
-            session=s, keys=world.services.keys, name="Praxis B", slug="praxis-b", now=now
-        )
-        await staff.create(
-            session=s,
-            org_id=other.id,
-            email="b@praxis.test",
-            display_name="B",
-            password=PASSWORD,
-            role="staff",
-            now=now,
-        )
+    await world.add_other_org("b@praxis.test", role="staff")
     await world.login("b@praxis.test")
     stream = Stream(world.app, world.client.cookies["pforte_session"])
     await stream.open()

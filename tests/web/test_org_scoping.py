@@ -10,12 +10,10 @@ import re
 import pytest
 from sqlalchemy import select
 from starlette.routing import Route
-from tests.conftest import PASSWORD, PNID
+from tests.conftest import PNID
 from tests.web.test_inbox import HTML, csrf_of
 
 from pforte.conversations.models import Attachment, Message
-from pforte.orgs import service as orgs
-from pforte.staff import service as staff
 
 ID_PARAMS = {"conversation_id", "attachment_id", "message_id", "channel_id"}
 NOT_SCOPED_BY_ORG = {"/webhooks/whatsapp/{channel_id}"}  # authenticated by the channel's own secrets
@@ -53,20 +51,7 @@ async def _objects_of_org_one(world) -> dict[str, str]:
 
 async def test_another_organisations_admin_gets_404_on_every_object_route(world):
     ids = await _objects_of_org_one(world)
-    now = world.services.clock.now()
-    async with world.services.db.transaction() as s:
-        other = await orgs.create(
-            session=s, keys=world.services.keys, name="Andere Praxis", slug="andere", now=now
-        )
-        await staff.create(
-            session=s,
-            org_id=other.id,
-            email="admin@andere.test",
-            display_name="Fremd",
-            password=PASSWORD,
-            role="admin",
-            now=now,
-        )
+    await world.add_other_org("admin@andere.test", role="admin")
     assert (await world.login("admin@andere.test")).status_code in (200, 303)
     token = csrf_of((await world.client.get("/", headers=HTML)).text)
     walked = []
@@ -97,18 +82,7 @@ async def test_another_organisations_admin_gets_404_on_every_object_route(world)
 @pytest.mark.parametrize("path", ["/", "/partials/conversations"])
 async def test_lists_show_nothing_of_another_organisation(world, path):
     await _objects_of_org_one(world)
-    now = world.services.clock.now()
-    async with world.services.db.transaction() as s:
-        other = await orgs.create(session=s, keys=world.services.keys, name="Andere", slug="andere", now=now)
-        await staff.create(
-            session=s,
-            org_id=other.id,
-            email="staff@andere.test",
-            display_name="Fremd",
-            password=PASSWORD,
-            role="staff",
-            now=now,
-        )
+    await world.add_other_org("staff@andere.test", role="staff")
     await world.login("staff@andere.test")
     r = await world.client.get(path, headers=HTML)
     assert r.status_code == 200
