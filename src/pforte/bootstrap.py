@@ -16,7 +16,9 @@ from pforte.conversations.ingest import Ingestor, IngestWriter, reconcile_pendin
 from pforte.crypto.blobs import BlobStore
 from pforte.crypto.keys import FileKeyProvider, KeyProvider, KeyService
 from pforte.db import Database
-from pforte.events import EventBus, PgEventBridge
+from pforte.deletion.ledger import FileLedger, Ledger
+from pforte.deletion.service import Eraser
+from pforte.events import KEY_DESTROYED, EventBus, PgEventBridge
 from pforte.metrics import Metrics
 from pforte.outbox.ratelimit import RateLimits
 from pforte.outbox.worker import OutboxWorker
@@ -38,6 +40,8 @@ class Services:
     ingest: IngestWriter
     outbox: OutboxWorker
     http: httpx.AsyncClient
+    ledger: Ledger
+    eraser: Eraser
     bridge: PgEventBridge | None = None
     started: bool = False
 
@@ -80,6 +84,9 @@ def build_services(
     blobs = BlobStore(settings.effective_blob_dir)
     metrics = Metrics()
     bus = EventBus()
+    bus.watchers.append(lambda e: keys.forget(e.ref) if e.type == KEY_DESTROYED and e.ref else None)
+    ledger = FileLedger(settings.effective_erasure_ledger)
+    eraser = Eraser(keys=keys, blobs=blobs, ledger=ledger, bus=bus)
     channels = ChannelCache(keys)
     http = httpx.AsyncClient(transport=graph_transport, timeout=settings.graph_timeout_seconds)
     ingest = IngestWriter(
@@ -128,5 +135,7 @@ def build_services(
         ingest=ingest,
         outbox=outbox,
         http=http,
+        ledger=ledger,
+        eraser=eraser,
         bridge=PgEventBridge(settings.effective_database_url, bus) if db.dialect == "postgresql" else None,
     )

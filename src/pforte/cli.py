@@ -7,15 +7,19 @@ import json
 import os
 import secrets
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import typer
 
-from pforte import logs, migrate
-from pforte.config import Settings, load_settings
+from pforte import clikit, logs, migrate
+from pforte.backup.cli import backup_app
+from pforte.config import load_settings
+from pforte.contacts.cli import contact_app
+from pforte.crypto.cli import keys_app
+from pforte.deletion.cli import delete_app
 from pforte.errors import PforteError
+from pforte.retention.cli import retention_app
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="pforte — the messaging gate for care providers"
@@ -26,39 +30,15 @@ channel_app = typer.Typer(no_args_is_help=True, help="Channels (WhatsApp numbers
 app.add_typer(org_app, name="org")
 app.add_typer(user_app, name="user")
 app.add_typer(channel_app, name="channel")
+app.add_typer(contact_app, name="contact")
+app.add_typer(delete_app, name="delete")
+app.add_typer(retention_app, name="retention")
+app.add_typer(backup_app, name="backup")
+app.add_typer(keys_app, name="keys")
 
-T = TypeVar("T")
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"pforte: {message}", err=True)
-    raise typer.Exit(2)
-
-
-def _settings(**overrides: Any) -> Settings:
-    try:
-        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
-    except PforteError as exc:
-        _fail(exc.message)
-        raise  # unreachable
-
-
-def _run(settings: Settings, fn: Callable[[Any], Awaitable[T]]) -> T:
-    """Run ``fn(services)`` with a fresh composition root (no background workers)."""
-    from pforte.bootstrap import build_services
-
-    async def _main() -> T:
-        services = build_services(settings.model_copy(update={"run_workers": False}))
-        try:
-            return await fn(services)
-        finally:
-            await services.stop()
-
-    try:
-        return asyncio.run(_main())
-    except PforteError as exc:
-        _fail(exc.message)
-        raise
+_fail = clikit.fail
+_settings = clikit.settings
+_run = clikit.run
 
 
 @app.command("migrate")

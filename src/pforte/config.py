@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     key_file: Path | None = Field(
         default=None, description="KEK key ring; default data_dir/keys/keyring.json"
     )
+    erasure_ledger_file: Path | None = Field(
+        default=None, description="ids of erased objects, kept outside backups; default beside the key file"
+    )
     blob_dir: Path | None = Field(default=None, description="encrypted attachments; default data_dir/blobs")
     base_url: str = "http://127.0.0.1:8080"
     host: str = "127.0.0.1"
@@ -68,6 +71,11 @@ class Settings(BaseSettings):
     def effective_key_file(self) -> Path:
         """Where the KEK key ring lives (outside the database)."""
         return self.key_file or self.data_dir / "keys" / "keyring.json"
+
+    @property
+    def effective_erasure_ledger(self) -> Path:
+        """Where the erasure ledger lives: outside the database and outside every backup."""
+        return self.erasure_ledger_file or self.effective_key_file.parent / "erasure-ledger.jsonl"
 
     @property
     def effective_blob_dir(self) -> Path:

@@ -26,6 +26,11 @@ log = logging.getLogger("pforte.events")
 CHANNEL = "pforte_events"
 
 
+# Events for the processes themselves, never sent to browsers.
+KEY_DESTROYED = "key_destroyed"
+SYSTEM_TYPES = frozenset({KEY_DESTROYED})
+
+
 @dataclass(frozen=True, slots=True)
 class LiveEvent:
     """Something changed in an organisation's inbox."""
@@ -33,6 +38,7 @@ class LiveEvent:
     org_id: str
     type: str  # conversation | channel
     conversation_id: str | None = None
+    ref: str | None = None  # for system events: the id they concern (e.g. a destroyed data key)
 
 
 class EventBus:
@@ -42,6 +48,7 @@ class EventBus:
         self._subs: dict[str, set[asyncio.Queue[LiveEvent]]] = defaultdict(set)
         self._size = queue_size
         self.forward: Callable[[LiveEvent], None] | None = None  # e.g. to other processes
+        self.watchers: list[Callable[[LiveEvent], None]] = []  # see every event, system ones included
 
     def publish(self, event: LiveEvent) -> None:
         """Deliver an event here and forward it to other processes."""
@@ -50,7 +57,11 @@ class EventBus:
             self.forward(event)
 
     def deliver(self, event: LiveEvent) -> None:
-        """Hand an event to every local subscriber of its organisation."""
+        """Hand an event to the watchers, then (unless internal) to the organisation's subscribers."""
+        for watch in self.watchers:
+            watch(event)
+        if event.type in SYSTEM_TYPES:
+            return
         for q in list(self._subs.get(event.org_id, ())):
             if q.full():
                 with contextlib.suppress(asyncio.QueueEmpty):
@@ -129,10 +140,18 @@ class PgEventBridge:
         if data.get("o") == self._origin:
             return
         self.received += 1
-        self._bus.deliver(LiveEvent(org_id=data["org"], type=data["t"], conversation_id=data.get("c")))
+        self._bus.deliver(
+            LiveEvent(org_id=data["org"], type=data["t"], conversation_id=data.get("c"), ref=data.get("r"))
+        )
 
     def _forward(self, event: LiveEvent) -> None:
-        data = {"o": self._origin, "org": event.org_id, "t": event.type, "c": event.conversation_id}
+        data = {
+            "o": self._origin,
+            "org": event.org_id,
+            "t": event.type,
+            "c": event.conversation_id,
+            "r": event.ref,
+        }
         try:
             self._outbox.put_nowait(json.dumps(data))
         except asyncio.QueueFull:

@@ -37,6 +37,20 @@ class Conversation(Base):
     )
 
 
+class ConversationTag(Base):
+    """A label staff put on a conversation; retention rules can key on it."""
+
+    __tablename__ = "conversation_tags"
+
+    conversation_id: Mapped[str] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+    )
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"))
+
+    __table_args__ = (Index("ix_conversation_tags_org_tag", "org_id", "tag"),)
+
+
 class Message(Base):
     """One message in either direction; ``external_id`` (wamid) is unique per channel."""
 
@@ -75,6 +89,7 @@ class Message(Base):
         UniqueConstraint("channel_id", "external_id"),
         Index("ix_messages_conversation_created", "conversation_id", "created_at"),
         Index("ix_messages_org_status", "org_id", "status"),
+        Index("ix_messages_org_created", "org_id", "created_at"),
     )
 
 

@@ -47,6 +47,9 @@ class KeyProvider(Protocol):
     def list_keks(self) -> dict[str, dict[str, Any]]:
         """Ids and metadata (creation time), never key material."""
 
+    def destroy_kek(self, kek_id: str) -> None:
+        """Forget a KEK for good (an organisation's deletion, or a retired KEK after rotation)."""
+
 
 class FileKeyProvider:
     """KEKs in a JSON key ring file with 0600 permissions (directory 0700)."""
@@ -108,6 +111,13 @@ class FileKeyProvider:
     def list_keks(self) -> dict[str, dict[str, Any]]:
         """KEK ids with their creation time."""
         return {k: {"created_at": v.get("created_at")} for k, v in self._keks.items()}
+
+    def destroy_kek(self, kek_id: str) -> None:
+        """Remove a KEK from the ring file (rewritten atomically); unknown ids are ignored."""
+        with self._lock:
+            self._load()
+            if self._keks.pop(kek_id, None) is not None:
+                self._save()
 
 
 class KeyService:
