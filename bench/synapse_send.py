@@ -112,8 +112,9 @@ def ensure_venv() -> str:
             check=True,
         )
         stamp.write_text(wanted)
+    # Not synapse.__version__: it appends `git describe` of the enclosing checkout, which is pforte's.
     return subprocess.run(
-        [str(VENV_PY), "-c", "import synapse; print(synapse.__version__)"],
+        [str(VENV_PY), "-c", "import importlib.metadata as m; print(m.version('matrix-synapse'))"],
         check=True,
         capture_output=True,
         text=True,

@@ -72,8 +72,10 @@ def create_app(services: Services, *, manage_lifespan: bool = True) -> FastAPI:
         return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(whatsapp_router)
+    from pforte.web.ui.lifecycle import router as lifecycle_router
     from pforte.web.ui.routes import router as ui_router
 
     app.include_router(ui_router)
+    app.include_router(lifecycle_router)
     app.add_middleware(SecurityHeaders)
     return app

@@ -22,6 +22,7 @@ from pforte.events import KEY_DESTROYED, EventBus, PgEventBridge
 from pforte.metrics import Metrics
 from pforte.outbox.ratelimit import RateLimits
 from pforte.outbox.worker import OutboxWorker
+from pforte.retention import jobs as retention_jobs
 from pforte.staff import jobs as staff_jobs
 
 
@@ -123,6 +124,7 @@ def build_services(
     )
     ingest.on_parked = lambda: outbox.run_soon(reconcile_pending_statuses)
     staff_jobs.register(outbox, clock=clock, idle=timedelta(minutes=settings.session_idle_minutes))
+    retention_jobs.register(outbox, db=db, eraser=eraser, clock=clock, settings=settings)
     return Services(
         settings=settings,
         clock=clock,

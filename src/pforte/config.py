@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     outbox_batch: int = Field(default=50, ge=1)
     outbox_lease_seconds: float = Field(default=60.0, gt=0.0)
     run_workers: bool = True
+    retention_sweep_seconds: float = Field(default=3600.0, gt=0.0, description="how often the sweeper runs")
+    retention_batch: int = Field(default=200, ge=1, description="conversations per sweeper transaction")
+    session_metadata_days: int = Field(
+        default=7, ge=1, description="days IP and user agent of a session are kept"
+    )
+    failed_login_days: int = Field(default=7, ge=1, description="days failed-login records are kept")
     status_reconcile_seconds: float = Field(default=2.0, gt=0.0)
     graph_timeout_seconds: float = Field(default=15.0, gt=0.0)
 

@@ -77,8 +77,7 @@ class _Item:
 
 @dataclass(slots=True)
 class _OrgKeys:
-    kek_id: str
-    index_key: bytes
+    index_key: bytes  # rotation re-wraps, the plaintext stays; the KEK id is deliberately not cached
 
 
 class Ingestor:
@@ -93,15 +92,34 @@ class Ingestor:
         hit = self._org_keys.get(org_id)
         if hit:
             return hit
-        row = (
-            await conn.execute(
-                select(Organisation.kek_id, Organisation.index_key_id).where(Organisation.id == org_id)
-            )
-        ).one()
+        row = (await conn.execute(select(Organisation.index_key_id).where(Organisation.id == org_id))).one()
         key = await self.keys.raw_key(conn, row.index_key_id)  # type: ignore[arg-type]
-        hit = _OrgKeys(kek_id=row.kek_id, index_key=key)
+        hit = _OrgKeys(index_key=key)
         self._org_keys[org_id] = hit
         return hit
+
+    async def _kek_id(self, conn: AsyncConnection, org_id: str, *, lock: bool = False) -> str:
+        """The organisation's current KEK, read in this transaction (see crypto/rotation.py)."""
+        q = select(Organisation.kek_id).where(Organisation.id == org_id)
+        return str((await conn.execute(q.with_for_update(read=True) if lock else q)).scalar_one())
+
+    async def _fence_kek(
+        self, conn: AsyncConnection, org_id: str, used: str, plain: dict[str, bytes]
+    ) -> None:
+        """Keys just inserted end up under the KEK that is current when this transaction commits.
+
+        Runs after the insert: this transaction then holds the organisation row FOR SHARE
+        (PostgreSQL) or the write lock (SQLite), so a rotation cannot switch the KEK until it ends;
+        if the switch committed before, the new keys are re-wrapped under the new KEK here.
+        """
+        current = await self._kek_id(conn, org_id, lock=True)
+        if current != used:
+            await conn.execute(
+                update(DK)
+                .where(DK.c.id == bindparam("k_id"))
+                .values(kek_id=current, wrapped=bindparam("k_wrapped")),
+                [{"k_id": i, "k_wrapped": self.keys.wrap(kek_id=current, key=k)} for i, k in plain.items()],
+            )
 
     async def write(self, conn: AsyncConnection, items: list[_Item]) -> list[LiveEvent]:
         """Persist every item's messages and statuses; return the live events to publish."""
@@ -153,6 +171,8 @@ class Ingestor:
         adopt: list[dict[str, Any]] = []
         new_contacts: list[dict[str, Any]] = []
         new_keys: list[dict[str, Any]] = []
+        kek_id = ""
+        plain: dict[str, bytes] = {}
         for k, s in senders.items():
             bi, pi = bsuid_ix.get(k), phone_ix.get(k)
             r = by_bsuid.get(bi) if bi else None
@@ -167,7 +187,9 @@ class Ingestor:
             if r is not None:
                 found[k] = (r.id, r.dek_id)
                 continue
-            key_row, key = self.keys.new_data_key(org_id=org_id, kek_id=ok.kek_id, purpose="contact", now=now)
+            kek_id = kek_id or await self._kek_id(conn, org_id)
+            key_row, key = self.keys.new_data_key(org_id=org_id, kek_id=kek_id, purpose="contact", now=now)
+            plain[key_row["id"]] = key
             cipher = FieldCipher(key)
             cid = new_id()
             new_keys.append(key_row)
@@ -200,6 +222,7 @@ class Ingestor:
             )
         if new_contacts:
             await conn.execute(insert(DK), new_keys)
+            await self._fence_kek(conn, org_id, kek_id, plain)
             ins = upsert_insert(dialect, C).on_conflict_do_nothing(index_elements=["org_id", "bsuid_index"])
             inserted = {r.id for r in await conn.execute(ins.returning(C.c.id), new_contacts)}
             lost = [c for c in new_contacts if c["id"] not in inserted]

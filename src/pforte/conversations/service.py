@@ -151,7 +151,7 @@ async def list_(
         .join(Contact, Contact.id == Conversation.contact_id)
         .join(Channel, Channel.id == Conversation.channel_id)
         .outerjoin(Message, Message.id == Conversation.last_message_id)
-        .where(Conversation.org_id == org_id)
+        .where(Conversation.org_id == org_id, Contact.erased_at.is_(None))
         .order_by(Conversation.last_activity_at.desc(), Conversation.id.desc())
         .limit(limit)
     )
@@ -187,7 +187,9 @@ async def _load(
             select(Conversation, Contact, Channel)
             .join(Contact, Contact.id == Conversation.contact_id)
             .join(Channel, Channel.id == Conversation.channel_id)
-            .where(Conversation.id == conversation_id, Conversation.org_id == org_id)
+            .where(
+                Conversation.id == conversation_id, Conversation.org_id == org_id, Contact.erased_at.is_(None)
+            )
         )
     ).first()
     if row is None:

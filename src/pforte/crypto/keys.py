@@ -13,11 +13,14 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import secrets
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -84,10 +87,32 @@ class FileKeyProvider:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
+        # The rename itself must be durable before a new KEK id is written to the database.
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Serialise read-modify-write of the ring across threads AND processes.
+
+        ``pforte keys rotate``/``retire`` change the ring while ``pforte serve`` may create an
+        organisation's KEK: without a file lock one process's save could drop the other's key.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # closing releases the lock
 
     def create_kek(self) -> str:
         """Generate a 256-bit KEK and persist it before returning its id."""
-        with self._lock:
+        with self._exclusive():
             self._load()
             kek_id = "kek-" + new_id()
             self._keks[kek_id] = {
@@ -114,7 +139,7 @@ class FileKeyProvider:
 
     def destroy_kek(self, kek_id: str) -> None:
         """Remove a KEK from the ring file (rewritten atomically); unknown ids are ignored."""
-        with self._lock:
+        with self._exclusive():
             self._load()
             if self._keks.pop(kek_id, None) is not None:
                 self._save()
@@ -169,6 +194,10 @@ class KeyService:
     def forget(self, dek_id: str) -> None:
         """Drop a key from the cache (after destruction or rotation)."""
         self._cache.pop(dek_id, None)
+
+    def wrap(self, *, kek_id: str, key: bytes) -> bytes:
+        """Wrap a plaintext DEK under a KEK (rotation, or a key made while the KEK switched)."""
+        return aes_key_wrap(self.provider.get_kek(kek_id), key)
 
     def unwrap(self, *, kek_id: str, wrapped: bytes | None) -> bytes:
         """Unwrap a DEK; CryptoError if destroyed or the KEK does not fit."""

@@ -17,6 +17,11 @@ from pforte.orgs.models import Organisation
 DEFAULT_SETTINGS: dict[str, Any] = {
     "send_read_receipts": False,  # privacy by default: patients see no read receipts unless enabled
     "link_previews": False,
+    # Retention (I.7, IV.8): on by default, conversations go 180 days after their last activity.
+    "retention_enabled": True,
+    "retention_days": 180,
+    # Metadata minimisation (II.3): days each class of organisation metadata is kept.
+    "metadata_days": {"delivery_timestamps": 7, "webhook_metadata": 7, "job_records": 7},
 }
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 

@@ -171,7 +171,7 @@ async def _thread_context(
         conversation_id=conversation_id,
         now=services.clock.now(),
     )
-    return {"view": view, "can_send": user.role in ("admin", "staff")}
+    return {"view": view, "can_send": user.role in ("admin", "staff"), "can_delete": user.role == "admin"}
 
 
 async def _after_send(
@@ -283,12 +283,16 @@ async def set_lang(request: Request, session: AsyncSession = DB) -> Response:
 
 @router.get("/", name="inbox")
 async def inbox(
-    request: Request, user: CurrentUser = Depends(current_user), session: AsyncSession = DB
+    request: Request,
+    deleted: str | None = None,
+    user: CurrentUser = Depends(current_user),
+    session: AsyncSession = DB,
 ) -> Response:
-    """The conversation list."""
+    """The conversation list (with a note after a deletion)."""
     ctx = await _sidebar(session, get_services(request), user)
     await _commit(session)
-    return render(request, "pages/inbox.html", {**ctx, "active": None})
+    note = deleted if deleted in ("conversation", "contact") else None
+    return render(request, "pages/inbox.html", {**ctx, "active": None, "deleted": note})
 
 
 @router.get("/partials/conversations", name="conversation_list")
@@ -320,12 +324,15 @@ async def conversation_page(
             session=session, org_id=user.org_id, conversation_id=conversation_id, now=services.clock.now()
         )
     ctx = await _sidebar(session, services, user)
+    from pforte.web.ui.lifecycle import conversation_extras
+
+    extras = await conversation_extras(session, user, conversation_id, thread["view"].contact_id)
     await _commit(session)
     reply_msg = next((m for m in thread["view"].messages if m.id == reply_to), None)
     return render(
         request,
         "pages/conversation.html",
-        {**ctx, **thread, "active": conversation_id, "reply_to": reply_msg},
+        {**ctx, **thread, **extras, "active": conversation_id, "reply_to": reply_msg},
     )
 
 
