@@ -13,9 +13,11 @@ from starlette.routing import Route
 from tests.conftest import PNID
 from tests.web.test_inbox import HTML, csrf_of
 
+from pforte.audit.service import Actor
 from pforte.conversations.models import Attachment, Message
+from pforte.retention import service as retention
 
-ID_PARAMS = {"conversation_id", "attachment_id", "message_id", "channel_id"}
+ID_PARAMS = {"conversation_id", "attachment_id", "message_id", "channel_id", "hold_id"}
 NOT_SCOPED_BY_ORG = {"/webhooks/whatsapp/{channel_id}"}  # authenticated by the channel's own secrets
 
 
@@ -41,7 +43,17 @@ async def _objects_of_org_one(world) -> dict[str, str]:
     async with world.services.db.transaction() as s:
         msg = (await s.execute(select(Message))).scalars().one()
         att = (await s.execute(select(Attachment))).scalars().one()
+        hold = await retention.place_hold(
+            s,
+            org_id=world.org_id,
+            target_kind="conversation",
+            target_id=msg.conversation_id,
+            kind="legal",
+            actor=Actor("cli"),
+            now=world.services.clock.now(),
+        )
     return {
+        "hold_id": hold.id,
         "conversation_id": msg.conversation_id,
         "message_id": msg.id,
         "attachment_id": att.id,
@@ -70,7 +82,14 @@ async def test_another_organisations_admin_gets_404_on_every_object_route(world)
                 method,
                 path,
                 headers={**HTML, "x-csrf-token": token},
-                data={"csrf_token": token, "text": "x", "access_token": "y"},
+                data={
+                    "csrf_token": token,
+                    "text": "x",
+                    "access_token": "y",
+                    "confirm": "yes",
+                    "target": "contact",
+                    "tags": "x",
+                },
             )
             walked.append((method, template, r.status_code))
     assert len(walked) >= 8, walked

@@ -227,11 +227,8 @@ async def _erase_orphans(
     orphans = sorted(contact_ids - still - held)
     if not orphans:
         return 0
-    deks = dict(
-        (await session.execute(select(Contact.id, Contact.dek_id).where(Contact.id.in_(orphans))))
-        .tuples()
-        .all()
-    )
+    found = await session.execute(select(Contact.id, Contact.dek_id).where(Contact.id.in_(orphans)))
+    deks = {str(cid): str(dek) for cid, dek in found}
     at = now.isoformat(timespec="seconds")
     er.ledger.append(
         [

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pforte.audit import service as audit
+from pforte.audit.service import Actor
+from pforte.db import new_id
 from pforte.errors import AuthenticationError, ConflictError, ValidationError
-from pforte.staff.models import ROLES, StaffSession, StaffUser
+from pforte.staff.models import ROLES, LoginAttempt, StaffSession, StaffUser
 from pforte.staff.security import hash_password, new_token, token_digest, verify_password
 
 MIN_PASSWORD = 10
@@ -70,10 +74,42 @@ async def get_by_email(*, session: AsyncSession, email: str) -> StaffUser | None
     return (await session.execute(q)).scalar_one_or_none()
 
 
+MAX_FAILED_LOGINS = 5
+FAILED_LOGIN_WINDOW = timedelta(minutes=15)
+
+
+def account_key(email: str) -> str:
+    """What a failed-login record stores instead of the e-mail address."""
+    return hashlib.sha256(email.strip().lower().encode()).hexdigest()
+
+
 async def login(
-    *, session: AsyncSession, email: str, password: str, now: datetime, idle: timedelta, absolute: timedelta
+    *,
+    session: AsyncSession,
+    email: str,
+    password: str,
+    now: datetime,
+    idle: timedelta,
+    absolute: timedelta,
+    ip: str | None = None,
+    user_agent: str | None = None,
 ) -> tuple[str, StaffUser]:
-    """Check credentials and open a session; return the cookie token and the user."""
+    """Check credentials and open a session; return the cookie token and the user.
+
+    After ``MAX_FAILED_LOGINS`` failures for one account within ``FAILED_LOGIN_WINDOW`` every try is
+    refused (even with the right password) until the window has passed.
+    """
+    recent = (
+        await session.execute(
+            select(func.count())
+            .select_from(LoginAttempt)
+            .where(
+                LoginAttempt.account_key == account_key(email), LoginAttempt.at > now - FAILED_LOGIN_WINDOW
+            )
+        )
+    ).scalar_one()
+    if recent >= MAX_FAILED_LOGINS:
+        raise AuthenticationError("too many failed attempts; try again in 15 minutes", code="login_throttled")
     user = await get_by_email(session=session, email=email)
     ok = await verify_password(user.password_hash if user else None, password)
     if not ok or user is None or not user.active:
@@ -88,10 +124,30 @@ async def login(
             created_at=now,
             last_seen_at=now,
             expires_at=now + absolute,
+            ip=(ip or None) and ip[:64],
+            user_agent=(user_agent or None) and user_agent[:300],
         )
     )
     await session.flush()
+    await audit.record(
+        session, org_id=user.org_id, actor=Actor.staff(user.id), action="login.success", now=now
+    )
     return token, user
+
+
+async def record_failed_login(*, session: AsyncSession, email: str, ip: str | None, now: datetime) -> None:
+    """Remember a failed login (for throttling; purged after its retention) and audit it."""
+    session.add(
+        LoginAttempt(id=new_id(), account_key=account_key(email), ip=(ip or None) and ip[:64], at=now)
+    )
+    user = await get_by_email(session=session, email=email)
+    await audit.record(
+        session,
+        org_id=user.org_id if user else None,
+        actor=Actor.staff(user.id) if user else Actor("unknown"),
+        action="login.failure",
+        now=now,
+    )
 
 
 async def resolve(
@@ -129,6 +185,7 @@ async def resolve(
     )
 
 
-async def logout(*, session: AsyncSession, session_id: str) -> None:
+async def logout(*, session: AsyncSession, user: CurrentUser, now: datetime) -> None:
     """End a session."""
-    await session.execute(delete(StaffSession).where(StaffSession.id == session_id))
+    await session.execute(delete(StaffSession).where(StaffSession.id == user.session_id))
+    await audit.record(session, org_id=user.org_id, actor=Actor.staff(user.id), action="logout", now=now)

@@ -208,18 +208,30 @@ async def login(request: Request, session: AsyncSession = DB) -> Response:
     settings = services.settings
     email = (await _form_text(request, "email", 254)).strip()
     password = await _form_text(request, "password", 1024)
+    now = services.clock.now()
+    ip = request.client.host if request.client else None
     try:
         token, _user = await staff.login(
             session=session,
             email=email,
             password=password,
-            now=services.clock.now(),
+            now=now,
             idle=timedelta(minutes=settings.session_idle_minutes),
             absolute=timedelta(hours=settings.session_absolute_hours),
+            ip=ip,
+            user_agent=request.headers.get("user-agent"),
         )
-    except AuthenticationError:
-        # One message for unknown e-mail and wrong password alike.
-        return render(request, "pages/login.html", {"email": email, "failed": True}, status_code=401)
+    except AuthenticationError as exc:
+        # One message for unknown e-mail and wrong password alike; throttling says so.
+        await staff.record_failed_login(session=session, email=email, ip=ip, now=now)
+        await _commit(session)
+        throttled = exc.code == "login_throttled"
+        return render(
+            request,
+            "pages/login.html",
+            {"email": email, "failed": not throttled, "throttled": throttled},
+            status_code=429 if throttled else 401,
+        )
     await _commit(session)
     resp = RedirectResponse(request.app.url_path_for("inbox"), status_code=303)
     resp.set_cookie(
@@ -240,7 +252,7 @@ async def logout(
 ) -> Response:
     """End the session and forget the cookie."""
     await check_csrf(request, user)
-    await staff.logout(session=session, session_id=user.session_id)
+    await staff.logout(session=session, user=user, now=get_services(request).clock.now())
     await _commit(session)
     resp = RedirectResponse(request.app.url_path_for("login"), status_code=303)
     resp.delete_cookie(
@@ -527,6 +539,51 @@ async def attachment(
         media_type=mime,
         headers={
             "Content-Disposition": _content_disposition(kind, filename, f"attachment-{attachment_id[-6:]}"),
+            "Cache-Control": "no-store",
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+        },
+    )
+
+
+# -- data-subject export ---------------------------------------------------------------------------
+
+
+@router.post("/conversations/{conversation_id}/export", name="contact_export")
+async def contact_export(
+    request: Request,
+    conversation_id: str,
+    user: CurrentUser = Depends(admin_only),
+    session: AsyncSession = DB,
+) -> Response:
+    """This conversation's patient's data as a ZIP download (GDPR Art. 15/20), audited.
+
+    Admins only: an export is the complete, unencrypted history of a patient in one file, the largest
+    disclosure the inbox can make, so as few people as possible may make one (and each is audited).
+    """
+    from fastapi.responses import StreamingResponse
+
+    from pforte.audit.service import Actor
+    from pforte.contacts import export as subject_export
+    from pforte.contacts import service as contacts
+    from pforte.web.ui.render import language
+
+    await check_csrf(request, user)
+    services = get_services(request)
+    now = services.clock.now()
+    contact = await contacts.get_by_conversation(
+        session=session, org_id=user.org_id, conversation_id=conversation_id
+    )
+    export = await subject_export.collect(
+        session=session, keys=services.keys, org_id=user.org_id, contact_id=contact.id, now=now
+    )
+    await subject_export.record(session, export, actor=Actor.staff(user.id), now=now)
+    await _commit(session)
+    # The archive is produced while it is sent (never on the server's disk), after the commit.
+    return StreamingResponse(
+        subject_export.stream(export, blobs=services.blobs, lang=language(request), tz=DISPLAY_TZ),
+        media_type="application/zip",
+        headers={
+            "Content-Disposition": _content_disposition("attachment", export.archive_name, "export.zip"),
             "Cache-Control": "no-store",
             "Content-Security-Policy": "default-src 'none'; sandbox",
         },
