@@ -144,6 +144,14 @@ def upgrade() -> None:
 
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.create_index("ix_messages_org_created", ["org_id", "created_at"], unique=False)
+        batch_op.create_index("ix_messages_contact", ["contact_id"], unique=False)
+    # Erasing a contact deletes by contact and key; without these, each foreign-key check scans a table.
+    with op.batch_alter_table("conversations", schema=None) as batch_op:
+        batch_op.create_index("ix_conversations_contact", ["contact_id"], unique=False)
+    with op.batch_alter_table("attachments", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_attachments_contact_id"), ["contact_id"], unique=False)
+    with op.batch_alter_table("contacts", schema=None) as batch_op:
+        batch_op.create_index("ix_contacts_dek", ["dek_id"], unique=False)
 
     with op.batch_alter_table("staff_sessions", schema=None) as batch_op:
         batch_op.add_column(sa.Column("ip", sa.String(length=64), nullable=True))
@@ -161,6 +169,13 @@ def downgrade() -> None:
 
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.drop_index("ix_messages_org_created")
+        batch_op.drop_index("ix_messages_contact")
+    with op.batch_alter_table("conversations", schema=None) as batch_op:
+        batch_op.drop_index("ix_conversations_contact")
+    with op.batch_alter_table("attachments", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_attachments_contact_id"))
+    with op.batch_alter_table("contacts", schema=None) as batch_op:
+        batch_op.drop_index("ix_contacts_dek")
 
     with op.batch_alter_table("contacts", schema=None) as batch_op:
         batch_op.drop_column("erased_at")

@@ -110,8 +110,8 @@ async def test_exactly_the_due_conversations_go_and_held_ones_stay(world, db_kin
     assert [k for k in ("p0", "p1", "p2", "p3", "p4") if await _exists(world, c[k])] == ["p1", "p2", "p3"]
     assert (report.conversations, report.messages, report.attachments) == (2, 3, 1)
     assert report.kept_on_hold == 1
-    # Their patients had nothing else: shredded and purged, photo file gone.
-    assert (report.contacts_erased, report.contacts_purged) == (2, 2)
+    # Their patients had nothing else: key and row erased in the same batch, photo file gone.
+    assert (report.contacts_erased, report.contacts_purged) == (2, 0)
     assert await _count(world, Contact) == 3  # p1..p3 (the seeded patient never wrote)
     assert [p for p in sv.blobs.root.rglob("*") if p.is_file()] == []
     async with sv.db.transaction() as s:
@@ -263,19 +263,16 @@ async def test_a_sweeper_crash_mid_batch_is_finished_by_the_next_run(world, db_k
     for k in c:
         await _age(world, c[k], 365)
     real = deletion._drop_conversation_rows
-    calls = {"n": 0}
 
-    async def crash_on_second(session, er, ids):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("power cut")
-        return await real(session, er, ids)
+    async def crash_after_deleting(session, er, ids):
+        await real(session, er, ids)  # rows deleted and files unlinked in the open transaction ...
+        raise RuntimeError("power cut")  # ... then the process dies before the commit
 
-    monkeypatch.setattr(deletion, "_drop_conversation_rows", crash_on_second)
+    monkeypatch.setattr(deletion, "_drop_conversation_rows", crash_after_deleting)
     with pytest.raises(RuntimeError):
         await sweeper.run(sv.db, sv.eraser, sv.settings, sv.clock.now())
-    # The batch rolled back whole: all three conversations are still there (the first one's photo
-    # file was already removed: a row without a file, never a readable file without a row).
+    # The batch rolled back whole: all three conversations are still there (the photo file was
+    # already removed: a row without a file, never a readable file without a row).
     assert all([await _exists(world, c[k]) for k in c])
     monkeypatch.setattr(deletion, "_drop_conversation_rows", real)
     report = await sweeper.run(sv.db, sv.eraser, sv.settings, sv.clock.now())

@@ -154,3 +154,22 @@ def test_log_lines_carry_only_allow_listed_fields():
     rec.body = "Befund"
     out = json.loads(JsonFormatter().format(rec))
     assert out["channel_id"] == "c1" and "phone" not in out and "body" not in out
+
+
+def test_every_ui_string_has_a_german_translation():
+    """Extract the msgids from the templates and the code (as ``make i18n`` does) and look each up."""
+    from babel.messages.extract import extract_from_dir
+    from babel.messages.pofile import read_po
+
+    from pforte.i18n import LOCALE_DIR
+
+    root = LOCALE_DIR.parent
+    method_map = [("web/ui/templates/**.html", "jinja2"), ("**.py", "python")]
+    options = {"web/ui/templates/**.html": {"extensions": "jinja2.ext.i18n"}}
+    found = set()
+    for _file, _line, message, _comments, _ctx in extract_from_dir(str(root), method_map, options):
+        found.add(message if isinstance(message, str) else message[0])
+    with (LOCALE_DIR / "de" / "LC_MESSAGES" / "messages.po").open("rb") as fh:
+        de = {m.id if isinstance(m.id, str) else m.id[0] for m in read_po(fh) if m.id and m.string}
+    assert len(found) > 100
+    assert sorted(found - de) == []

@@ -33,4 +33,5 @@ class Contact(Base):
     __table_args__ = (
         UniqueConstraint("org_id", "bsuid_index"),
         Index("ix_contacts_org_phone", "org_id", "phone_index"),
+        Index("ix_contacts_dek", "dek_id"),
     )

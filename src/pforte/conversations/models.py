@@ -34,6 +34,7 @@ class Conversation(Base):
     __table_args__ = (
         UniqueConstraint("channel_id", "contact_id"),
         Index("ix_conversations_org_activity", "org_id", "last_activity_at"),
+        Index("ix_conversations_contact", "contact_id"),
     )
 
 
@@ -90,6 +91,7 @@ class Message(Base):
         Index("ix_messages_conversation_created", "conversation_id", "created_at"),
         Index("ix_messages_org_status", "org_id", "status"),
         Index("ix_messages_org_created", "org_id", "created_at"),
+        Index("ix_messages_contact", "contact_id"),
     )
 
 
@@ -101,7 +103,7 @@ class Attachment(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     org_id: Mapped[str] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"))
     message_id: Mapped[str] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), index=True)
-    contact_id: Mapped[str] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"))
+    contact_id: Mapped[str] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(16))  # image | video | document | audio | sticker
     media_id: Mapped[str | None] = mapped_column(String(200), nullable=True)  # provider's id
     mime_type: Mapped[str | None] = mapped_column(String(120), nullable=True)

@@ -26,14 +26,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, literal, or_, select, text, tuple_, update
+from sqlalchemy import delete, func, literal, or_, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pforte.audit import service as audit
 from pforte.audit.service import SYSTEM, Actor
 from pforte.config import Settings
 from pforte.contacts.models import Contact
-from pforte.conversations.models import Conversation, ConversationTag, Message, PendingStatus
+from pforte.conversations.models import Attachment, Conversation, ConversationTag, Message, PendingStatus
 from pforte.crypto.models import DataKey
 from pforte.db import Database, new_id, table_of
 from pforte.deletion import service as deletion
@@ -199,10 +199,31 @@ async def _judge(
     ]
 
 
+async def _counts_by_conversation(session: AsyncSession, ids: list[str]) -> dict[str, dict[str, int]]:
+    """Messages and attachments per conversation (for the tombstones), in two grouped queries."""
+    out: dict[str, dict[str, int]] = {c: {"messages": 0, "attachments": 0} for c in ids}
+    msgs = await session.execute(
+        select(Message.conversation_id, func.count())
+        .where(Message.conversation_id.in_(ids))
+        .group_by(Message.conversation_id)
+    )
+    for conv, n in msgs:
+        out[str(conv)]["messages"] = int(n)
+    atts = await session.execute(
+        select(Message.conversation_id, func.count())
+        .join(Attachment, Attachment.message_id == Message.id)
+        .where(Message.conversation_id.in_(ids))
+        .group_by(Message.conversation_id)
+    )
+    for conv, n in atts:
+        out[str(conv)]["attachments"] = int(n)
+    return out
+
+
 async def _erase_orphans(
     session: AsyncSession, er: Eraser, org_id: str, contact_ids: set[str], now: datetime
 ) -> int:
-    """Shred contacts of the batch that have no conversation left and no hold."""
+    """Erase the batch's contacts that have no conversation and no hold left: key and row go here."""
     if not contact_ids:
         return 0
     still = set(
@@ -237,23 +258,9 @@ async def _erase_orphans(
             for e in (Erasure("data_key", deks[c], org_id, at), Erasure("contact", c, org_id, at))
         ]
     )
-    await session.execute(
-        update(DataKey).where(DataKey.id.in_(list(deks.values()))).values(wrapped=None, destroyed_at=now)
-    )
-    await session.execute(
-        update(Contact)
-        .where(Contact.id.in_(orphans))
-        .values(
-            erased_at=now,
-            bsuid_index=None,
-            phone_index=None,
-            bsuid_enc=None,
-            phone_enc=None,
-            name_enc=None,
-            profile_name_enc=None,
-            username_enc=None,
-        )
-    )
+    # Nothing of theirs is left (messages live in conversations), so key and row go together.
+    await session.execute(delete(Contact).where(Contact.id.in_(orphans)))
+    await session.execute(delete(DataKey).where(DataKey.id.in_(list(deks.values()))))
     await session.execute(
         table_of(Tombstone).insert(),
         [
@@ -300,32 +307,28 @@ async def _sweep_batch(
         if going:
             at = now.isoformat(timespec="seconds")
             er.ledger.append([Erasure("conversation", i.conversation_id, org_id, at) for i in going])
-            counts: dict[str, int] = {"messages": 0, "attachments": 0, "files": 0}
-            # Per conversation so each tombstone carries its own counts.
-            tomb_rows = []
-            for i in going:
-                c = await deletion._drop_conversation_rows(session, er, [i.conversation_id])
-                for k in counts:
-                    counts[k] += c[k]
-                tomb_rows.append(
-                    {
-                        "id": new_id(),
-                        "org_id": org_id,
-                        "kind": "conversation",
-                        "object_id": i.conversation_id,
-                        "reason": "retention",
-                        "actor_kind": actor.kind,
-                        "actor_id": actor.id,
-                        "deleted_at": now,
-                        "details": {
-                            "contact_id": i.contact_id,
-                            "rule": i.decision.source,
-                            "days": i.decision.days,
-                            "messages": c["messages"],
-                            "attachments": c["attachments"],
-                        },
-                    }
-                )
+            ids = [i.conversation_id for i in going]
+            per_conv = await _counts_by_conversation(session, ids)
+            counts = await deletion._drop_conversation_rows(session, er, ids)
+            tomb_rows = [
+                {
+                    "id": new_id(),
+                    "org_id": org_id,
+                    "kind": "conversation",
+                    "object_id": i.conversation_id,
+                    "reason": "retention",
+                    "actor_kind": actor.kind,
+                    "actor_id": actor.id,
+                    "deleted_at": now,
+                    "details": {
+                        "contact_id": i.contact_id,
+                        "rule": i.decision.source,
+                        "days": i.decision.days,
+                        **per_conv.get(i.conversation_id, {"messages": 0, "attachments": 0}),
+                    },
+                }
+                for i in going
+            ]
             await session.execute(table_of(Tombstone).insert(), tomb_rows)
             erased = await _erase_orphans(session, er, org_id, {i.contact_id for i in going}, now)
             report.conversations += len(going)
