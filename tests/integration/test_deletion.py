@@ -367,3 +367,42 @@ async def test_unknown_reason_and_foreign_objects_are_refused(world, db_kind):
                 now=sv.clock.now(),
             )
     assert len((await _view(world, conv_a)).messages) == 3
+
+
+@pytest.mark.dsk("I.7")
+@pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)  # about SQLite's file format
+async def test_a_deleted_message_leaves_no_ciphertext_in_the_sqlite_file(world, db_kind):
+    """secure_delete: freed pages are zeroed, so the (still decryptable) ciphertext is really gone."""
+    from sqlalchemy import text
+
+    conv_a, _ = await _two_patients(world)
+    sv = world.services
+    async with sv.db.transaction() as s:
+        mid, body = (
+            await s.execute(
+                select(Message.id, Message.body_enc).where(Message.conversation_id == conv_a).limit(1)
+            )
+        ).one()
+    assert body and len(body) > 40
+
+    def raw() -> bytes:
+        path = sv.settings.effective_database_url.split(":///", 1)[1]
+        out = b""
+        for suffix in ("", "-wal"):
+            try:
+                with open(path + suffix, "rb") as fh:
+                    out += fh.read()
+            except FileNotFoundError:
+                pass
+        return out
+
+    async with sv.db.engine.begin() as c:
+        await c.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+    assert body in raw()  # the search can see it while it exists
+    async with sv.db.transaction() as s:
+        await deletion.delete_message(
+            s, sv.eraser, org_id=world.org_id, message_id=mid, actor=CLI, reason="staff", now=sv.clock.now()
+        )
+    async with sv.db.engine.begin() as c:
+        await c.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+    assert body not in raw()
