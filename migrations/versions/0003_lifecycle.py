@@ -145,6 +145,10 @@ def upgrade() -> None:
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.create_index("ix_messages_org_created", ["org_id", "created_at"], unique=False)
         batch_op.create_index("ix_messages_contact", ["contact_id"], unique=False)
+        batch_op.add_column(sa.Column("client_key", sa.String(length=64), nullable=True))
+        batch_op.create_unique_constraint(
+            batch_op.f("uq_messages_conversation_id_client_key"), ["conversation_id", "client_key"]
+        )
     # Erasing a contact deletes by contact and key; without these, each foreign-key check scans a table.
     with op.batch_alter_table("conversations", schema=None) as batch_op:
         batch_op.create_index("ix_conversations_contact", ["contact_id"], unique=False)
@@ -170,6 +174,8 @@ def downgrade() -> None:
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.drop_index("ix_messages_org_created")
         batch_op.drop_index("ix_messages_contact")
+        batch_op.drop_constraint(batch_op.f("uq_messages_conversation_id_client_key"), type_="unique")
+        batch_op.drop_column("client_key")
     with op.batch_alter_table("conversations", schema=None) as batch_op:
         batch_op.drop_index("ix_conversations_contact")
     with op.batch_alter_table("attachments", schema=None) as batch_op:

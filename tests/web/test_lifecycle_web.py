@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import func, select
+from tests.conftest import PNID
 from tests.web.test_inbox import HTML, csrf_of, first_conversation_id, htmx, patient_writes
 
 from pforte.audit.models import AuditEvent
@@ -130,3 +131,23 @@ async def test_failed_logins_are_throttled_and_audited(world):
     assert r.status_code == 429 and "login_throttled" in r.text
     assert await _count(world, AuditEvent, AuditEvent.action == "login.failure") == 6
     assert await _count(world, AuditEvent, AuditEvent.action == "login.success") == 0
+
+
+async def test_a_reply_form_sent_twice_queues_one_message(world):
+    """The composer's one-time key: a browser resending after a lost answer does not double-send."""
+    await patient_writes(world, "Wann ist mein Termin?")
+    token = await _as(world, world.staff_email)
+    cid = await first_conversation_id(world)
+    page = await world.client.get(f"/conversations/{cid}", headers=HTML)
+    key = page.text.split('name="client_key" value="', 1)[1].split('"', 1)[0]
+    assert len(key) >= 20
+    form = {"csrf_token": token, "text": "Morgen um 9 Uhr", "client_key": key}
+    first = await world.client.post(f"/conversations/{cid}/messages", data=form, headers=htmx(token))
+    again = await world.client.post(f"/conversations/{cid}/messages", data=form, headers=htmx(token))
+    assert first.status_code == again.status_code == 200
+    assert await _count(world, Message, Message.direction == "out") == 1
+    form["client_key"] = key + "x"  # the next message has a new key
+    await world.client.post(f"/conversations/{cid}/messages", data=form, headers=htmx(token))
+    assert await _count(world, Message, Message.direction == "out") == 2
+    await world.settle()
+    assert len(world.sim.business_messages(PNID)) == 2  # the simulator got each message once

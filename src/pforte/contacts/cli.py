@@ -6,7 +6,9 @@ Nothing here prints message content, names or phone numbers: ``show`` prints ids
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -19,6 +21,20 @@ contact_app = typer.Typer(no_args_is_help=True, help="Patients (contacts): data-
 
 # Same as the inbox: organisations have no time-zone setting yet.
 DISPLAY_TZ = ZoneInfo("Europe/Berlin")
+
+
+def _write_new_file(path: Path, chunks: Iterator[bytes]) -> None:
+    """Write chunks to a file that must not exist yet (mode 0600), synced; nothing is left on failure."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def _one_of(contact: str | None, phone: str | None) -> None:
@@ -108,17 +124,13 @@ def export(
                 )
                 # The file first, the audit entry last: the entry commits only with a complete file,
                 # and on SQLite the write lock is held for the entry alone, not for the whole export.
-                fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                chunks = subject_export.stream(data, blobs=sv.blobs, lang=language, tz=DISPLAY_TZ)
+                await asyncio.to_thread(_write_new_file, out, chunks)
                 created = True
-                with os.fdopen(fd, "wb") as fh:
-                    for chunk in subject_export.stream(data, blobs=sv.blobs, lang=language, tz=DISPLAY_TZ):
-                        fh.write(chunk)
-                    fh.flush()
-                    os.fsync(fh.fileno())
                 await subject_export.record(session, data, actor=CLI, now=now)
         except BaseException:
             if created:  # no file without its audit entry
-                out.unlink(missing_ok=True)
+                await asyncio.to_thread(out.unlink, True)
             raise
         return len(data.conversations), data.messages, data.files
 

@@ -79,6 +79,8 @@ class Message(Base):
     )  # our code, e.g. needs_template
     error_title: Mapped[str | None] = mapped_column(String(300), nullable=True)  # provider's generic wording
     review_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The composer's one-time key: a form sent twice (lost answer, retry) queues one message.
+    client_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
     provider_ts: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -92,6 +94,7 @@ class Message(Base):
         Index("ix_messages_org_status", "org_id", "status"),
         Index("ix_messages_org_created", "org_id", "created_at"),
         Index("ix_messages_contact", "contact_id"),
+        UniqueConstraint("conversation_id", "client_key"),
     )
 
 

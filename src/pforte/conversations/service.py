@@ -321,6 +321,14 @@ async def mark_seen(*, session: AsyncSession, org_id: str, conversation_id: str,
             )
 
 
+class DuplicateSubmission(ConflictError):
+    """The same composer form arrived again; its message is already queued (nothing new was made)."""
+
+    def __init__(self, message_id: str) -> None:
+        self.message_id = message_id
+        super().__init__("this message was already sent", code="duplicate")
+
+
 async def _new_outgoing(
     session: AsyncSession,
     keys: KeyService,
@@ -336,8 +344,19 @@ async def _new_outgoing(
     details: dict[str, Any] | None = None,
     require_window: bool = True,
     upload: bool = False,
+    client_key: str | None = None,
 ) -> tuple[Message, FieldCipher, Conversation]:
     conv, contact, channel = await _load(session, org_id, conversation_id)
+    if client_key:
+        if len(client_key) > 64:
+            raise ValidationError("the form's key is too long")
+        first = (
+            await session.execute(
+                select(Message.id).where(Message.conversation_id == conv.id, Message.client_key == client_key)
+            )
+        ).scalar_one_or_none()
+        if first is not None:
+            raise DuplicateSubmission(first)
     if require_window and not window_state(conv.last_inbound_at, now)[0]:
         raise ConflictError("the 24-hour window is closed: only templates can be sent", code="needs_template")
     cipher = await keys.cipher(session, contact.dek_id)
@@ -370,6 +389,7 @@ async def _new_outgoing(
         sender_user_id=user_id,
         template_name=template_name,
         created_at=now,
+        client_key=client_key or None,
     )
     session.add(msg)
     conv.last_activity_at = now
@@ -396,6 +416,7 @@ async def send_text(
     text: str,
     now: datetime,
     reply_to_message_id: str | None = None,
+    client_key: str | None = None,
 ) -> Message:
     """Queue a free-form text (inside the 24-hour window only)."""
     text = text.strip()
@@ -413,6 +434,7 @@ async def send_text(
         text=text,
         now=now,
         reply_to_message_id=reply_to_message_id,
+        client_key=client_key,
     )
     return msg
 
@@ -427,6 +449,7 @@ async def send_template(
     template_id: str,
     params: list[str],
     now: datetime,
+    client_key: str | None = None,
 ) -> Message:
     """Queue an approved template (allowed inside and outside the window)."""
     tpl = (
@@ -456,6 +479,7 @@ async def send_template(
         template_name=tpl.name,
         details={"template": {"name": tpl.name, "language": tpl.language, "params": params}},
         require_window=False,  # templates are the one kind allowed outside the window
+        client_key=client_key,
     )
     return msg
 
@@ -474,6 +498,7 @@ async def send_media(
     caption: str | None,
     now: datetime,
     max_bytes: int,
+    client_key: str | None = None,
 ) -> Message:
     """Queue an image or document: stored encrypted now, uploaded and sent by the outbox."""
     kind = OUTBOUND_MEDIA.get(mime_type)
@@ -496,6 +521,7 @@ async def send_media(
         text=caption,
         now=now,
         upload=True,
+        client_key=client_key,
     )
     aid = new_id()
     blob = blobs.put(cipher=cipher, attachment_id=aid, data=data)

@@ -10,6 +10,7 @@ events) happen after that commit, never before (DESIGN 3).
 from __future__ import annotations
 
 import contextlib
+import secrets
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,8 @@ def _filesize(n: int | None) -> str:
 
 
 templates.env.globals["path_for"] = _path_for
+# A fresh one-time key per composer form: the same form arriving twice queues one message.
+templates.env.globals["new_client_key"] = lambda: secrets.token_urlsafe(18)
 templates.env.filters["when"] = _when
 templates.env.filters["iso"] = _iso
 templates.env.filters["filesize"] = _filesize
@@ -385,16 +388,20 @@ async def send_text(
     services = get_services(request)
     text = await _form_text(request, "text")
     reply_to = (await _form_text(request, "reply_to_message_id", 64)).strip() or None
-    await conv.send_text(
-        session=session,
-        keys=services.keys,
-        org_id=user.org_id,
-        conversation_id=conversation_id,
-        user_id=user.id,
-        text=text,
-        now=services.clock.now(),
-        reply_to_message_id=reply_to,
-    )
+    try:
+        await conv.send_text(
+            session=session,
+            keys=services.keys,
+            org_id=user.org_id,
+            conversation_id=conversation_id,
+            user_id=user.id,
+            text=text,
+            now=services.clock.now(),
+            reply_to_message_id=reply_to,
+            client_key=(await _form_text(request, "client_key", 64)).strip() or None,
+        )
+    except conv.DuplicateSubmission:
+        pass  # the first submission is queued; show the thread as it is
     return await _after_send(request, session, user, conversation_id)
 
 
@@ -412,16 +419,20 @@ async def send_template(
     params = [p for p in form.getlist("params") if isinstance(p, str)]
     if any(len(p) > 1024 for p in params):
         raise ValidationError("a template parameter is too long", code="too_long")
-    await conv.send_template(
-        session=session,
-        keys=services.keys,
-        org_id=user.org_id,
-        conversation_id=conversation_id,
-        user_id=user.id,
-        template_id=await _form_text(request, "template_id", 64),
-        params=params,
-        now=services.clock.now(),
-    )
+    try:
+        await conv.send_template(
+            session=session,
+            keys=services.keys,
+            org_id=user.org_id,
+            conversation_id=conversation_id,
+            user_id=user.id,
+            template_id=await _form_text(request, "template_id", 64),
+            params=params,
+            now=services.clock.now(),
+            client_key=(await _form_text(request, "client_key", 64)).strip() or None,
+        )
+    except conv.DuplicateSubmission:
+        pass  # the first submission is queued; show the thread as it is
     return await _after_send(request, session, user, conversation_id)
 
 
@@ -449,20 +460,24 @@ async def send_media(
     mime = (upload.content_type or "").split(";")[0].strip().lower()
     if mime == "image/jpg":
         mime = "image/jpeg"
-    await conv.send_media(
-        session=session,
-        keys=services.keys,
-        blobs=services.blobs,
-        org_id=user.org_id,
-        conversation_id=conversation_id,
-        user_id=user.id,
-        data=data,
-        mime_type=mime,
-        filename=Path(upload.filename).name,
-        caption=await _form_text(request, "caption", 2048),
-        now=services.clock.now(),
-        max_bytes=limit,
-    )
+    try:
+        await conv.send_media(
+            session=session,
+            keys=services.keys,
+            blobs=services.blobs,
+            org_id=user.org_id,
+            conversation_id=conversation_id,
+            user_id=user.id,
+            data=data,
+            mime_type=mime,
+            filename=Path(upload.filename).name,
+            caption=await _form_text(request, "caption", 2048),
+            now=services.clock.now(),
+            max_bytes=limit,
+            client_key=(await _form_text(request, "client_key", 64)).strip() or None,
+        )
+    except conv.DuplicateSubmission:
+        pass  # the first submission is queued; show the thread as it is
     return await _after_send(request, session, user, conversation_id)
 
 

@@ -57,9 +57,24 @@
     if (form.hasAttribute("data-reset-on-success")) {
       form.reset();
       clearReply(form);
+      freshKey(form);
     }
     scrollThread(true);
   });
+
+  // The next message gets a new one-time key; a resent form (lost answer) keeps the old one, and the
+  // server queues it only once.
+  function freshKey(form) {
+    var input = form.querySelector("[data-client-key]");
+    if (!input) {
+      return;
+    }
+    var bytes = new Uint8Array(18);
+    window.crypto.getRandomValues(bytes);
+    input.value = Array.prototype.map.call(bytes, function (b) {
+      return ("0" + b.toString(16)).slice(-2);
+    }).join("");
+  }
 
   // -- thread scrolling ---------------------------------------------------------------------------
 
