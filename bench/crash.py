@@ -119,6 +119,7 @@ class Load:
     patient_errors: int = 0
     staff_posted: int = 0
     staff_accepted: dict[str, str] = field(default_factory=dict)  # text -> message id
+    staff_resent: int = 0  # forms sent again (same one-time key) after a lost answer
     staff_accepted_without_id: list[str] = field(default_factory=list)
     staff_refused: int = 0  # connection refused: pforte was down, nothing happened
     staff_unconfirmed: int = 0  # the connection broke or timed out: outcome unknown to the client
@@ -426,23 +427,35 @@ class CrashRun:
             text = f"staff {self.run_id} w{worker} #{n}"
             conversation = self.rng.choice(self._conversations)
             self.load.staff_posted += 1
-            try:
-                r = await client.post(
-                    f"/conversations/{conversation}/messages",
-                    data={"text": text},
-                    headers={"X-CSRF-Token": self._csrf, "HX-Request": "true", "Origin": self.url},
-                )
-            except httpx.ConnectError:
-                self.load.staff_refused += 1
-            except httpx.HTTPError:
-                self.load.staff_unconfirmed += 1
-            else:
+            # Like a browser whose answer was lost: send the same form (same one-time key) again once
+            # pforte is back. pforte must queue it once; the simulator seeing it twice is a violation.
+            form = {"text": text, "client_key": f"{self.run_id}-w{worker}-{n}"}
+            for attempt in range(3):
+                try:
+                    r = await client.post(
+                        f"/conversations/{conversation}/messages",
+                        data=form,
+                        headers={"X-CSRF-Token": self._csrf, "HX-Request": "true", "Origin": self.url},
+                    )
+                except httpx.ConnectError:
+                    self.load.staff_refused += 1
+                    break
+                except httpx.HTTPError:
+                    self.load.staff_unconfirmed += 1
+                    if attempt == 2 or self.stopping:
+                        break
+                    self.load.staff_resent += 1
+                    await self.up.wait()
+                    if not await self._login(client):
+                        break
+                    continue
                 if r.status_code == 200:
                     self.load.staff_accepted[text] = _message_id_for(r.text, text) or ""
                     if not self.load.staff_accepted[text]:
                         self.load.staff_accepted_without_id.append(text)
                 else:
                     self.load.staff_rejected[r.status_code] += 1
+                break
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     # -- chaos ----------------------------------------------------------------------------------
@@ -651,6 +664,7 @@ class CrashRun:
             "patient_send_errors": self.load.patient_errors,
             "staff_posted": self.load.staff_posted,
             "staff_accepted": len(self.load.staff_accepted),
+            "staff_resent_after_lost_answer": self.load.staff_resent,
             "staff_sent": sent_ok,
             "staff_in_review": in_review,
             "staff_sent_twice_flagged": twice_flagged,
