@@ -101,7 +101,7 @@ class FileKeyProvider:
         ``pforte keys rotate``/``retire`` change the ring while ``pforte serve`` may create an
         organisation's KEK: without a file lock one process's save could drop the other's key.
         """
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with self._lock:
             fd = os.open(self.path.with_name(self.path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
             try:
