@@ -156,6 +156,10 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_attachments_contact_id"), ["contact_id"], unique=False)
     with op.batch_alter_table("contacts", schema=None) as batch_op:
         batch_op.create_index("ix_contacts_dek", ["dek_id"], unique=False)
+    # Key rotation walks one KEK's keys in id order; without id in the index each batch sorts them all.
+    with op.batch_alter_table("data_keys", schema=None) as batch_op:
+        batch_op.drop_index("ix_data_keys_kek")
+        batch_op.create_index("ix_data_keys_kek_id", ["kek_id", "id"], unique=False)
 
     with op.batch_alter_table("staff_sessions", schema=None) as batch_op:
         batch_op.add_column(sa.Column("ip", sa.String(length=64), nullable=True))
@@ -182,6 +186,9 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_attachments_contact_id"))
     with op.batch_alter_table("contacts", schema=None) as batch_op:
         batch_op.drop_index("ix_contacts_dek")
+    with op.batch_alter_table("data_keys", schema=None) as batch_op:
+        batch_op.drop_index("ix_data_keys_kek_id")
+        batch_op.create_index("ix_data_keys_kek", ["kek_id"], unique=False)
 
     with op.batch_alter_table("contacts", schema=None) as batch_op:
         batch_op.drop_column("erased_at")

@@ -322,9 +322,11 @@ async def test_deleting_an_organisation_shreds_its_keys_rows_files_and_kek(world
     sv = world.services
     other = await world.add_other_org("admin@andere.test", role="admin")
     async with sv.db.transaction() as s:
-        done, kek_id = await deletion.delete_organisation(
+        done, kek_ids = await deletion.delete_organisation(
             s, sv.eraser, org_id=world.org_id, actor=CLI, reason="organisation_closed", now=sv.clock.now()
         )
+    assert len(kek_ids) == 1
+    kek_id = kek_ids[0]
     sv.keys.provider.destroy_kek(kek_id)
     assert done.counts == {"contacts": 2, "messages": 4, "files": 1}  # A: text, photo, reply; B: text
     assert kek_id not in sv.keys.provider.list_keks()

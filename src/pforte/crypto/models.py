@@ -23,4 +23,5 @@ class DataKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     destroyed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
-    __table_args__ = (Index("ix_data_keys_kek", "kek_id"),)
+    # (kek_id, id): rotation walks the keys of one KEK in id order, batch by batch.
+    __table_args__ = (Index("ix_data_keys_kek_id", "kek_id", "id"),)

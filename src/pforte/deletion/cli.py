@@ -97,10 +97,11 @@ def organisation(
     async def _do(sv: Any) -> service.Deleted:
         async with sv.db.transaction() as session:
             o = await orgs.get_by_slug(session=session, slug=slug)
-            done, kek_id = await service.delete_organisation(
+            done, kek_ids = await service.delete_organisation(
                 session, sv.eraser, org_id=o.id, actor=CLI, reason="organisation_closed", now=sv.clock.now()
             )
-        sv.keys.provider.destroy_kek(kek_id)
+        for kek_id in kek_ids:
+            sv.keys.provider.destroy_kek(kek_id)
         return done
 
     done = clikit.run(clikit.settings(), _do)

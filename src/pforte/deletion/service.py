@@ -466,11 +466,11 @@ async def organisation_holds(db: Executor, org_id: str) -> list[str]:
 
 async def delete_organisation(
     db: Executor, er: Eraser, *, org_id: str, actor: Actor, reason: str, now: datetime
-) -> tuple[Deleted, str]:
+) -> tuple[Deleted, list[str]]:
     """Shred everything of an organisation: every data key, then every row and file.
 
-    Returns the deletion and the organisation's KEK id, which the caller destroys in the key
-    provider after commit (a KEK removed before a failed commit would leave the rest unreadable
+    Returns the deletion and the ids of every KEK the organisation used (the current one and any
+    left from an unfinished rotation), which the caller destroys in the key provider after commit (a KEK removed before a failed commit would leave the rest unreadable
     but present).
     """
     _check_reason(reason)
@@ -483,6 +483,12 @@ async def delete_organisation(
     if holds:
         raise HeldError(holds)
     deks = list((await db.execute(select(DataKey.id).where(DataKey.org_id == org_id))).scalars())
+    keks = {str(org.kek_id)} | {
+        str(k)
+        for k in (
+            await db.execute(select(DataKey.kek_id).where(DataKey.org_id == org_id).distinct())
+        ).scalars()
+    }
     er.ledger.append(
         [Erasure("data_key", d, org_id, _iso(now)) for d in deks]
         + [Erasure("organisation", org_id, org_id, _iso(now))]
@@ -517,7 +523,7 @@ async def delete_organisation(
         details=counts,
         instance_chain=True,
     )
-    return Deleted("organisation", org_id, counts), str(org.kek_id)
+    return Deleted("organisation", org_id, counts), sorted(keks)
 
 
 async def _drop_org_rows(db: Executor, org_id: str) -> None:
