@@ -28,6 +28,9 @@ class Settings(BaseSettings):
         default=None, description="ids of erased objects, kept outside backups; default beside the key file"
     )
     blob_dir: Path | None = Field(default=None, description="encrypted attachments; default data_dir/blobs")
+    backup_recipient_file: Path | None = Field(
+        default=None, description="the controller's age public key for backups; default beside the key file"
+    )
     base_url: str = "http://127.0.0.1:8080"
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
@@ -82,6 +85,11 @@ class Settings(BaseSettings):
     def effective_erasure_ledger(self) -> Path:
         """Where the erasure ledger lives: outside the database and outside every backup."""
         return self.erasure_ledger_file or self.effective_key_file.parent / "erasure-ledger.jsonl"
+
+    @property
+    def effective_backup_recipient_file(self) -> Path:
+        """Where the backup recipient (an age public key, never a secret key) is stored."""
+        return self.backup_recipient_file or self.effective_key_file.parent / "backup-recipient.txt"
 
     @property
     def effective_blob_dir(self) -> Path:

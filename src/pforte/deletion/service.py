@@ -470,8 +470,8 @@ async def delete_organisation(
     """Shred everything of an organisation: every data key, then every row and file.
 
     Returns the deletion and the ids of every KEK the organisation used (the current one and any
-    left from an unfinished rotation), which the caller destroys in the key provider after commit (a KEK removed before a failed commit would leave the rest unreadable
-    but present).
+    left from an unfinished rotation), which the caller destroys in the key provider after commit
+    (a KEK removed before a failed commit would leave the rest unreadable but present).
     """
     _check_reason(reason)
     org = (
