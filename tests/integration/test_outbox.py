@@ -141,7 +141,12 @@ async def test_permanent_errors_fail_the_message_with_a_reason(world, code, asyn
 
 
 @pytest.mark.parametrize("code", [130429, 131056, 131000])
-async def test_retryable_errors_back_off_and_then_send_once(world, code):
+async def test_retryable_errors_back_off_and_then_send_once(world, code, monkeypatch):
+    from pforte.conversations import jobs
+
+    # The real first backoff is about a second: long enough in production, but a loaded test machine
+    # can spend that inside one settle and see the retry happen already. A minute makes it certain.
+    monkeypatch.setattr(jobs, "backoff_seconds", lambda attempts, retry_after=None: 60.0)
     cid = await _conversation(world)
     world.sim.fail_next_send(PNID, code)
     mid = await _send(world, cid)
