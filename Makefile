@@ -58,3 +58,11 @@ crash-test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) node_modules $(VENDOR) .pytest_cache .ruff_cache
+
+# Matrix Synapse sending messages on this machine, beside pforte's figures (bench/synapse_send.py:
+# Synapse in its own venv under .bench/, a fresh SQLite file / throwaway PostgreSQL database each).
+SYNAPSE_ARGS ?= --seconds 10 --connections 16
+.PHONY: bench-synapse
+bench-synapse: $(STAMP)
+	$(BIN)/python bench/synapse_send.py --db sqlite $(SYNAPSE_ARGS)
+	$(BIN)/python bench/synapse_send.py --db postgresql $(SYNAPSE_ARGS)

@@ -31,8 +31,11 @@ This script measures what that server does on the same machine, with the same ki
 Synapse's peak RSS is its VmHWM, reset after setup, so it covers both measured phases. The CPU share
 of Synapse, of this load generator and (on PostgreSQL) of the database backends is measured over
 the throughput phase: all of them share the same 2 cores, so the figures are lower bounds for a
-dedicated server, exactly as for pforte. Bodies are plain text (a client in an end-to-end encrypted
-room would send ``m.room.encrypted`` ciphertext of similar size; the server's work is the same).
+dedicated server, exactly as for pforte. The machine's total busy time is read from /proc/stat as
+well, and whatever of it was not these processes is reported as ``other_processes`` (with a warning
+on stderr), so a run disturbed by another job on the machine shows as such. Bodies are plain text (a
+client in an end-to-end encrypted room sends ``m.room.encrypted`` ciphertext of similar size, which
+the server stores without reading, so its work is much the same).
 
 Prints markdown table rows in the columns of ``bench/run_all.py`` and stores the full result in
 ``bench/results/synapse.json``, keyed by database and then by run (``c16``, ``c64-r16`` …).
@@ -61,7 +64,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from common import PG_ADMIN, ROOT, cpu_seconds, free_port, machine, peak_rss_mb, percentiles, reset_peak_rss
+from common import ROOT, cpu_seconds, free_port, machine, peak_rss_mb, percentiles, reset_peak_rss
 
 VENV = ROOT / ".bench" / "synapse-venv"
 VENV_PY = VENV / "bin" / "python"
@@ -130,9 +133,15 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def pg_admin(sql: str) -> None:
-    """One statement as the PostgreSQL superuser (database ``test``)."""
-    subprocess.run([*PG_ADMIN, sql], check=True, capture_output=True, text=True, timeout=60)
+def psql(sql: str, database: str = "test", check: bool = True) -> str:
+    """One statement as the PostgreSQL superuser on 127.0.0.1; its unaligned output."""
+    return subprocess.run(
+        ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", database, "-qtAc", sql],
+        check=check,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
 
 
 @dataclass
@@ -181,7 +190,7 @@ class Synapse:
         self.url = f"http://127.0.0.1:{port}"
         if self.db == "postgresql":
             self.pg_name = f"bench_synapse_{secrets.token_hex(4)}"
-            pg_admin(
+            psql(
                 f"CREATE DATABASE \"{self.pg_name}\" ENCODING 'UTF8' LC_COLLATE='C' LC_CTYPE='C' "
                 "TEMPLATE template0"
             )
@@ -289,31 +298,19 @@ class Synapse:
                 parts.append(f"--- {path.name}\n" + path.read_text(errors="replace")[-2500:])
         return "\n".join(parts)
 
-    def stored_messages(self) -> int:
-        """``m.room.message`` events in Synapse's database."""
-        sql = "select count(*) from events where type = 'm.room.message'"
+    def message_event_ids(self) -> set[str]:
+        """Ids of the ``m.room.message`` events in Synapse's database."""
+        sql = "select event_id from events where type = 'm.room.message'"
         if self.pg_name:
-            out = subprocess.run(
-                ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", self.pg_name, "-tAc", sql],
-                check=True,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            ).stdout
-            return int(out.strip())
+            return set(psql(sql, self.pg_name).split())
         with sqlite3.connect(f"file:{self.sqlite_path}?mode=ro", uri=True) as conn:
-            return int(conn.execute(sql).fetchone()[0])
+            return {str(row[0]) for row in conn.execute(sql)}
 
     def pg_backends(self) -> list[int]:
         """Process ids of the PostgreSQL backends serving Synapse (none on SQLite)."""
         if not self.pg_name:
             return []
-        out = subprocess.run(
-            [*PG_ADMIN[:-1], "-tAc", f"select pid from pg_stat_activity where datname = '{self.pg_name}'"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
+        out = psql(f"select pid from pg_stat_activity where datname = '{self.pg_name}'")
         return [int(x) for x in out.split()]
 
     def log_summary(self) -> dict[str, int]:
@@ -336,11 +333,7 @@ class Synapse:
                 self.proc.kill()
                 self.proc.wait(10)
         if self.pg_name:
-            subprocess.run(
-                [*PG_ADMIN, f'DROP DATABASE IF EXISTS "{self.pg_name}" WITH (FORCE)'],
-                check=False,
-                capture_output=True,
-            )
+            psql(f'DROP DATABASE IF EXISTS "{self.pg_name}" WITH (FORCE)', check=False)
         shutil.rmtree(self.data, ignore_errors=True)
 
     def __enter__(self) -> Synapse:
@@ -362,11 +355,15 @@ def room_path(room_id: str) -> str:
     return quote(room_id, safe="")
 
 
-def text_content(n: int, probe: str | None = None) -> dict[str, Any]:
-    """An ``m.text`` body about as long as the texts in pforte's bench."""
+def text_content(tag: str, probe: str | None = None) -> dict[str, Any]:
+    """An ``m.text`` body about as long as the texts in pforte's bench, unique through ``tag``.
+
+    Unique bodies matter: an event id is a hash of the event, so two identical texts from one sender
+    on the same room state within the same millisecond would be one event to Synapse.
+    """
     content: dict[str, Any] = {
         "msgtype": "m.text",
-        "body": f"Guten Tag, Ihr Befund liegt vor. Bitte melden Sie sich ({n}).",
+        "body": f"Guten Tag, Ihr Befund liegt vor. Bitte melden Sie sich ({tag}).",
     }
     if probe:
         content[PROBE_KEY] = probe
@@ -470,7 +467,7 @@ async def sync_latency(url: str, sender: str, reader: str, room_id: str, probes:
                 t0 = time.perf_counter()
                 r = await client.put(
                     f"{CS}/rooms/{room_path(room_id)}/send/m.room.message/{probe}",
-                    json=text_content(i, probe),
+                    json=text_content(probe, probe),
                 )
                 t1 = time.perf_counter()
                 codes[str(r.status_code)] += 1
@@ -506,9 +503,13 @@ async def sync_latency(url: str, sender: str, reader: str, room_id: str, probes:
 
 async def send_load(
     url: str, token: str, rooms: list[str], seconds: float, connections: int
-) -> dict[str, Any]:
-    """``connections`` closed-loop senders for ``seconds``; worker ``w`` writes to room ``w % rooms``."""
+) -> tuple[dict[str, Any], list[str]]:
+    """``connections`` closed-loop senders for ``seconds``; worker ``w`` writes to room ``w % rooms``.
+
+    Returns the summary and the event ids answered with 200.
+    """
     ok_ms: list[float] = []
+    event_ids: list[str] = []
     done_at: list[float] = []
     codes: Counter[str] = Counter()
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
@@ -523,7 +524,8 @@ async def send_load(
                 n += 1
                 start = time.perf_counter()
                 try:
-                    r = await client.put(f"{path}w{w}-{n}", json=text_content(n))
+                    txn = f"w{w}-{n}"
+                    r = await client.put(path + txn, json=text_content(txn))
                 except httpx.TimeoutException:
                     codes["timeout"] += 1
                     continue
@@ -535,12 +537,13 @@ async def send_load(
                 if r.status_code == 200:
                     ok_ms.append((end - start) * 1000)
                     done_at.append(end - t0)
+                    event_ids.append(str(r.json().get("event_id")))
 
         await asyncio.gather(*(worker(w) for w in range(connections)))
         elapsed = time.perf_counter() - t0
     per_second = Counter(int(t) for t in done_at if t < int(seconds))
     whole = [per_second.get(s, 0) for s in range(int(seconds))]
-    return {
+    summary = {
         "duration_s": round(elapsed, 2),
         "answered_200": len(ok_ms),
         "messages_per_s": round(len(ok_ms) / elapsed, 1) if elapsed else 0.0,
@@ -551,6 +554,7 @@ async def send_load(
         "status_codes": dict(codes),
         "non_200": sum(v for k, v in codes.items() if k != "200"),
     }
+    return summary, event_ids
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -568,21 +572,32 @@ async def measure(hs: Synapse, seconds: int, connections: int, rooms: int, probe
     reset_peak_rss(pid)
     log(f"send → /sync: {probes} sequential probes")
     sync = await sync_latency(hs.url, sender, reader, room_ids[0], probes)
-    stored_before = hs.stored_messages()
+    stored_before = hs.message_event_ids()
     log(f"throughput: {seconds} s, {connections} connections, {len(room_ids)} room(s)")
     backends = {p: cpu_seconds(p) for p in hs.pg_backends()}
     cpu0 = {"synapse": cpu_seconds(pid), "load_generator": cpu_seconds(os.getpid())}
-    w0 = time.monotonic()
-    load = await send_load(hs.url, sender, room_ids, seconds, connections)
-    wall = time.monotonic() - w0
+    ticks0, w0 = machine_ticks(), time.monotonic()
+    load, answered = await send_load(hs.url, sender, room_ids, seconds, connections)
+    ticks1, wall = machine_ticks(), time.monotonic() - w0
     cpu = {
-        "synapse": round((cpu_seconds(pid) - cpu0["synapse"]) / wall, 2),
-        "load_generator": round((cpu_seconds(os.getpid()) - cpu0["load_generator"]) / wall, 2),
+        "synapse": (cpu_seconds(pid) - cpu0["synapse"]) / wall,
+        "load_generator": (cpu_seconds(os.getpid()) - cpu0["load_generator"]) / wall,
     }
     if hs.pg_name:
         after = {p: cpu_seconds(p) for p in hs.pg_backends()}
-        cpu["postgresql_backends"] = round(sum(v - backends.get(p, 0.0) for p, v in after.items()) / wall, 2)
-    load["messages_stored"] = hs.stored_messages() - stored_before
+        cpu["postgresql_backends"] = sum(v - backends.get(p, 0.0) for p, v in after.items()) / wall
+    ours = sum(cpu.values())
+    cpu["machine_total"] = busy_cores(ticks0, ticks1)
+    # Whatever else ran meanwhile (PostgreSQL's own background work, or another test run, which
+    # would distort every figure).
+    cpu["other_processes"] = max(0.0, cpu["machine_total"] - ours)
+    cpu = {k: round(v, 2) for k, v in cpu.items()}
+    if cpu["other_processes"] > 0.3:
+        log(f"WARNING: other processes used {cpu['other_processes']} cores during the load")
+    stored = hs.message_event_ids()
+    load["messages_stored"] = len(stored - stored_before)
+    load["answered_200_not_stored"] = len(set(answered) - stored)
+    load["duplicate_event_ids"] = len(answered) - len(set(answered))
     return {
         "sync": sync,
         "send": load,
@@ -592,9 +607,29 @@ async def measure(hs: Synapse, seconds: int, connections: int, rooms: int, probe
     }
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) clock ticks of all cores since boot, from the ``cpu`` line of /proc/stat."""
+    user, nice, system, idle, iowait, irq, softirq, steal = (
+        int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    total = user + nice + system + idle + iowait + irq + softirq + steal
+    return total - idle - iowait, total
+
+
+def busy_cores(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Cores busy on average between two ``machine_ticks`` readings (2.0 = both cores of 2)."""
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total * (os.cpu_count() or 1) if total else 0.0
+
+
 def run(db: str, seconds: int, connections: int, rooms: int, probes: int, log_level: str) -> dict[str, Any]:
     """One measurement on a fresh Synapse and database."""
     version = ensure_venv()
+    before = machine_ticks()
+    time.sleep(1.0)
+    busy_before = round(busy_cores(before, machine_ticks()), 2)
+    if busy_before > 0.25:
+        log(f"WARNING: the machine is already busy ({busy_before} cores) before Synapse starts")
     log(f"starting Synapse {version} on {db}")
     started = time.monotonic()
     with Synapse(db, log_level) as hs:
@@ -611,8 +646,9 @@ def run(db: str, seconds: int, connections: int, rooms: int, probes: int, log_le
         "connections": connections,
         "rooms": rooms,
         "log_level": log_level,
+        "machine_busy_before_start_cores": busy_before,
         **result,
-        "errors": send["non_200"] + (send["answered_200"] - send["messages_stored"]) + result["sync"]["lost"],
+        "errors": send["non_200"] + send["answered_200_not_stored"] + result["sync"]["lost"],
         "synapse_log": synapse_log,
         "config_overlay": {k: v for k, v in config.items() if k not in ("database", "log_config")},
         "machine": machine(),
@@ -634,16 +670,18 @@ def rows(r: dict[str, Any]) -> str:
     s, y = r["send"], r["sync"]
     rss = f"synapse {r['peak_rss_mb']['synapse']:.0f}"
     rooms = f"{r['rooms']} room" + ("s" if r["rooms"] != 1 else "")
+    other = r["cpu_cores_used"]["other_processes"]
+    disturbed = f" **(other processes used {other} cores)**" if other > 0.3 else ""
     send = [
         r["db"],
         "synapse_send",
-        f"m.room.message PUT/s, {r['connections']} conns, {rooms}, Synapse {r['synapse_version']}",
+        f"m.room.message PUT/s, {r['connections']} conns, {rooms}, Synapse {r['synapse_version']}{disturbed}",
         f"{s['messages_per_s']:,} (whole seconds {s['slowest_second']}–{s['fastest_second']}; "
         f"{s['messages_stored']:,}/{s['answered_200']:,} stored)",
         s.get("p50_ms", ""),
         s.get("p95_ms", ""),
         s.get("p99_ms", ""),
-        f"non-200 {s['non_200']}",
+        f"non-200 {s['non_200']}, not stored {s['answered_200_not_stored']}",
         rss,
         "—",
         "—",
