@@ -177,11 +177,6 @@ async def verify(db: Executor, chain: str) -> VerifyResult:
     return VerifyResult(chain, count, True)
 
 
-async def chains(db: Executor) -> list[str]:
-    """Every chain in the database."""
-    return [str(c) for c in (await db.execute(select(AuditHead.chain).order_by(AuditHead.chain))).scalars()]
-
-
 async def list_(
     db: Executor,
     *,

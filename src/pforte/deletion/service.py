@@ -24,7 +24,7 @@ are deleted directly (their contact's key lives on); contacts and organisations 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -65,7 +65,6 @@ class Eraser:
     blobs: BlobStore
     ledger: Ledger
     bus: EventBus | None = None
-    pending_blobs: list[str] = field(default_factory=list)
 
     def unlink(self, names: Iterable[str | None]) -> int:
         """Remove blob files now (before the rows; see the module's order)."""
@@ -125,8 +124,8 @@ async def active_holds(
     return [str(k) for k in rows.scalars()]
 
 
-async def held_message_ids(db: Executor, *, org_id: str, conversation_ids: Iterable[str]) -> list[str]:
-    """Messages inside the given conversations that carry an active hold of their own."""
+async def message_hold_kinds(db: Executor, *, org_id: str, conversation_ids: Iterable[str]) -> list[str]:
+    """Kinds of the active holds on single messages inside the given conversations."""
     ids = list(conversation_ids)
     if not ids:
         return []
@@ -335,7 +334,7 @@ async def delete_conversation(
     if c is None:
         raise NotFoundError("conversation not found")
     holds = await active_holds(db, org_id=org_id, conversation_ids=[c.id], contact_ids=[c.contact_id])
-    holds += await held_message_ids(db, org_id=org_id, conversation_ids=[c.id])
+    holds += await message_hold_kinds(db, org_id=org_id, conversation_ids=[c.id])
     if holds:
         raise HeldError(holds)
     er.ledger.append([Erasure("conversation", c.id, org_id, _iso(now))])
@@ -382,7 +381,7 @@ async def erase_contact(
         (await db.execute(select(Conversation.id).where(Conversation.contact_id == c.id))).scalars()
     )
     holds = await active_holds(db, org_id=org_id, contact_ids=[c.id], conversation_ids=conv_ids)
-    holds += await held_message_ids(db, org_id=org_id, conversation_ids=conv_ids)
+    holds += await message_hold_kinds(db, org_id=org_id, conversation_ids=conv_ids)
     if holds:
         raise HeldError(holds)
     er.ledger.append(

@@ -552,8 +552,3 @@ async def run(
     await purge_metadata(db, settings, now, report)
     log.info("retention sweep finished", extra={"count": report.conversations})
     return report
-
-
-async def counts_due(session: AsyncSession, org_id: str, now: datetime) -> int:
-    """How many conversations are due now (for the settings page)."""
-    return len([i for i in await plan(session, org_id, now) if i.goes])
