@@ -48,9 +48,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time (a test runner may swap and close it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Emit to the current standard error."""
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def configure(level: str = "INFO", fmt: str = "json") -> None:
     """Set up root logging once; uvicorn's access log is silenced (it would log paths with ids)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr(sys.stderr)
     handler.setFormatter(
         JsonFormatter() if fmt == "json" else logging.Formatter("%(levelname)s %(name)s %(message)s")
     )
