@@ -137,6 +137,30 @@ async def message_hold_kinds(db: Executor, *, org_id: str, conversation_ids: Ite
     return [str(k) for k in rows.scalars()]
 
 
+def tombstone_row(
+    *,
+    org_id: str,
+    kind: str,
+    object_id: str,
+    reason: str,
+    actor: Actor,
+    now: datetime,
+    details: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The values of one tombstone row (for single and bulk inserts)."""
+    return {
+        "id": new_id(),
+        "org_id": org_id,
+        "kind": kind,
+        "object_id": object_id,
+        "reason": reason,
+        "actor_kind": actor.kind,
+        "actor_id": actor.id,
+        "deleted_at": now,
+        "details": details,
+    }
+
+
 async def _tombstone(
     db: Executor,
     *,
@@ -149,21 +173,10 @@ async def _tombstone(
     details: dict[str, Any] | None,
     instance_chain: bool = False,
 ) -> None:
-    await db.execute(
-        table_of(Tombstone)
-        .insert()
-        .values(
-            id=new_id(),
-            org_id=org_id,
-            kind=kind,
-            object_id=object_id,
-            reason=reason,
-            actor_kind=actor.kind,
-            actor_id=actor.id,
-            deleted_at=now,
-            details=details,
-        )
+    row = tombstone_row(
+        org_id=org_id, kind=kind, object_id=object_id, reason=reason, actor=actor, now=now, details=details
     )
+    await db.execute(table_of(Tombstone).insert().values(**row))
     await audit.record(
         db,
         org_id=None if instance_chain else org_id,
@@ -206,12 +219,8 @@ async def _refresh_last_message(db: Executor, conversation_id: str) -> None:
     )
 
 
-async def delete_message(
-    db: Executor, er: Eraser, *, org_id: str, message_id: str, actor: Actor, reason: str, now: datetime
-) -> Deleted:
-    """Delete one message with its attachments and their files."""
-    _check_reason(reason)
-    m = await _visible_message(db, org_id, message_id)
+async def _refuse_if_held(db: Executor, org_id: str, m: Any) -> None:
+    """A hold on the message, its conversation or its contact refuses the deletion, naming it."""
     holds = await active_holds(
         db,
         org_id=org_id,
@@ -221,6 +230,36 @@ async def delete_message(
     )
     if holds:
         raise HeldError(holds)
+
+
+async def _drop_message_rows(db: Executor, er: Eraser, message_ids: list[str]) -> tuple[int, int]:
+    """Files first, then attachments and messages (no checks, no records); (messages, files)."""
+    blobs = (
+        await db.execute(select(Attachment.blob_name).where(Attachment.message_id.in_(message_ids)))
+    ).scalars()
+    files = er.unlink(blobs)
+    await db.execute(delete(Attachment).where(Attachment.message_id.in_(message_ids)))
+    return _count(await db.execute(delete(Message).where(Message.id.in_(message_ids)))), files
+
+
+async def _forget_attachment(db: Executor, er: Eraser, attachment_id: str, blob_name: str | None) -> int:
+    """Remove an attachment's file and everything naming it; the row stays as "deleted"."""
+    files = er.unlink([blob_name])
+    await db.execute(
+        update(Attachment)
+        .where(Attachment.id == attachment_id)
+        .values(state="deleted", blob_name=None, filename_enc=None, media_id=None, expected_sha256=None)
+    )
+    return files
+
+
+async def delete_message(
+    db: Executor, er: Eraser, *, org_id: str, message_id: str, actor: Actor, reason: str, now: datetime
+) -> Deleted:
+    """Delete one message with its attachments and their files."""
+    _check_reason(reason)
+    m = await _visible_message(db, org_id, message_id)
+    await _refuse_if_held(db, org_id, m)
     atts = (
         await db.execute(select(Attachment.id, Attachment.blob_name).where(Attachment.message_id == m.id))
     ).all()
@@ -228,9 +267,7 @@ async def delete_message(
         [Erasure("message", m.id, org_id, _iso(now))]
         + [Erasure("attachment", a.id, org_id, _iso(now)) for a in atts]
     )
-    files = er.unlink(a.blob_name for a in atts)
-    await db.execute(delete(Attachment).where(Attachment.message_id == m.id))
-    await db.execute(delete(Message).where(Message.id == m.id))
+    _, files = await _drop_message_rows(db, er, [m.id])
     await _refresh_last_message(db, m.conversation_id)
     counts = {"attachments": len(atts), "files": files}
     await _tombstone(
@@ -261,22 +298,9 @@ async def delete_attachment(
     if a is None or a.state == "deleted":
         raise NotFoundError("attachment not found")
     m = await _visible_message(db, org_id, a.message_id)
-    holds = await active_holds(
-        db,
-        org_id=org_id,
-        message_ids=[m.id],
-        conversation_ids=[m.conversation_id],
-        contact_ids=[m.contact_id],
-    )
-    if holds:
-        raise HeldError(holds)
+    await _refuse_if_held(db, org_id, m)
     er.ledger.append([Erasure("attachment", a.id, org_id, _iso(now))])
-    files = er.unlink([a.blob_name])
-    await db.execute(
-        update(Attachment)
-        .where(Attachment.id == a.id)
-        .values(state="deleted", blob_name=None, filename_enc=None, media_id=None, expected_sha256=None)
-    )
+    files = await _forget_attachment(db, er, a.id, a.blob_name)
     await _tombstone(
         db,
         org_id=org_id,
@@ -439,12 +463,7 @@ async def purge_erased_step(db: Executor, er: Eraser, contact_id: str, batch: in
             ).scalars()
         )
         if msg_ids:
-            blobs = (
-                await db.execute(select(Attachment.blob_name).where(Attachment.message_id.in_(msg_ids)))
-            ).scalars()
-            er.unlink(blobs)
-            await db.execute(delete(Attachment).where(Attachment.message_id.in_(msg_ids)))
-            n = _count(await db.execute(delete(Message).where(Message.id.in_(msg_ids))))
+            n, _ = await _drop_message_rows(db, er, msg_ids)
             return False, n
         await db.execute(delete(Conversation).where(Conversation.id == conv))
         return False, 1
@@ -570,25 +589,14 @@ async def reapply(db: Executor, er: Eraser, entries: Iterable[Erasure]) -> dict[
                 bump("conversation", 1)
         elif e.kind == "message":
             if await _exists(db, Message, e.id):
-                er.unlink(
-                    (
-                        await db.execute(select(Attachment.blob_name).where(Attachment.message_id == e.id))
-                    ).scalars()
-                )
-                await db.execute(delete(Attachment).where(Attachment.message_id == e.id))
-                await db.execute(delete(Message).where(Message.id == e.id))
+                await _drop_message_rows(db, er, [e.id])
                 bump("message", 1)
         elif e.kind == "attachment":
             row = (
                 await db.execute(select(Attachment.blob_name, Attachment.state).where(Attachment.id == e.id))
             ).first()
             if row is not None and row.state != "deleted":
-                er.unlink([row.blob_name])
-                await db.execute(
-                    update(Attachment)
-                    .where(Attachment.id == e.id)
-                    .values(state="deleted", blob_name=None, filename_enc=None, media_id=None)
-                )
+                await _forget_attachment(db, er, e.id, row.blob_name)
                 bump("attachment", 1)
         elif e.kind == "organisation":
             if await _exists(db, Organisation, e.id):

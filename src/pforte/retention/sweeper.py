@@ -35,7 +35,7 @@ from pforte.config import Settings
 from pforte.contacts.models import Contact
 from pforte.conversations.models import Attachment, Conversation, ConversationTag, Message, PendingStatus
 from pforte.crypto.models import DataKey
-from pforte.db import Database, new_id, table_of
+from pforte.db import Database, table_of
 from pforte.deletion import service as deletion
 from pforte.deletion.ledger import Erasure
 from pforte.deletion.models import Tombstone
@@ -264,17 +264,15 @@ async def _erase_orphans(
     await session.execute(
         table_of(Tombstone).insert(),
         [
-            {
-                "id": new_id(),
-                "org_id": org_id,
-                "kind": "contact",
-                "object_id": c,
-                "reason": "retention",
-                "actor_kind": SYSTEM.kind,
-                "actor_id": None,
-                "deleted_at": now,
-                "details": {"last_conversation_deleted": True},
-            }
+            deletion.tombstone_row(
+                org_id=org_id,
+                kind="contact",
+                object_id=c,
+                reason="retention",
+                actor=SYSTEM,
+                now=now,
+                details={"last_conversation_deleted": True},
+            )
             for c in orphans
         ],
     )
@@ -311,22 +309,20 @@ async def _sweep_batch(
             per_conv = await _counts_by_conversation(session, ids)
             counts = await deletion._drop_conversation_rows(session, er, ids)
             tomb_rows = [
-                {
-                    "id": new_id(),
-                    "org_id": org_id,
-                    "kind": "conversation",
-                    "object_id": i.conversation_id,
-                    "reason": "retention",
-                    "actor_kind": actor.kind,
-                    "actor_id": actor.id,
-                    "deleted_at": now,
-                    "details": {
+                deletion.tombstone_row(
+                    org_id=org_id,
+                    kind="conversation",
+                    object_id=i.conversation_id,
+                    reason="retention",
+                    actor=actor,
+                    now=now,
+                    details={
                         "contact_id": i.contact_id,
                         "rule": i.decision.source,
                         "days": i.decision.days,
                         **per_conv.get(i.conversation_id, {"messages": 0, "attachments": 0}),
                     },
-                }
+                )
                 for i in going
             ]
             await session.execute(table_of(Tombstone).insert(), tomb_rows)

@@ -172,7 +172,7 @@ async def set_tags(
         session,
         org_id=user.org_id,
         conversation_id=conversation_id,
-        tags=[t for t in raw.split(",")],
+        tags=raw.split(","),
         actor=Actor.staff(user.id),
         now=services.clock.now(),
     )

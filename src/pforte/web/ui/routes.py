@@ -146,6 +146,11 @@ async def _form_text(request: Request, name: str, limit: int = MAX_TEXT_FIELD) -
     return value
 
 
+async def _client_key(request: Request) -> str | None:
+    """The composer form's one-time key (see ``conv.DuplicateSubmission``)."""
+    return (await _form_text(request, "client_key", 64)).strip() or None
+
+
 async def _optional_user(request: Request, session: AsyncSession) -> CurrentUser | None:
     if not request.cookies.get(SESSION_COOKIE):
         return None
@@ -398,7 +403,7 @@ async def send_text(
             text=text,
             now=services.clock.now(),
             reply_to_message_id=reply_to,
-            client_key=(await _form_text(request, "client_key", 64)).strip() or None,
+            client_key=await _client_key(request),
         )
     except conv.DuplicateSubmission:
         pass  # the first submission is queued; show the thread as it is
@@ -429,7 +434,7 @@ async def send_template(
             template_id=await _form_text(request, "template_id", 64),
             params=params,
             now=services.clock.now(),
-            client_key=(await _form_text(request, "client_key", 64)).strip() or None,
+            client_key=await _client_key(request),
         )
     except conv.DuplicateSubmission:
         pass  # the first submission is queued; show the thread as it is
@@ -474,7 +479,7 @@ async def send_media(
             caption=await _form_text(request, "caption", 2048),
             now=services.clock.now(),
             max_bytes=limit,
-            client_key=(await _form_text(request, "client_key", 64)).strip() or None,
+            client_key=await _client_key(request),
         )
     except conv.DuplicateSubmission:
         pass  # the first submission is queued; show the thread as it is
