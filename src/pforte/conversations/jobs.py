@@ -156,24 +156,29 @@ async def send_message(deps: JobDeps, job: ClaimedJob) -> None:
                 failed_row = (await conn.execute(select(M).where(M.c.id == mid))).one()
             await _send_failed(deps, job, failed_row, rt, err)
             return
-    await pacer.acquire()  # wait for the slot first: a long wait must not look like a started send
-    async with deps.db.engine.begin() as conn:
-        row = (await conn.execute(select(M).where(M.c.id == mid))).first()
-        if row is None or row.status not in ("queued", "sending"):
-            await finish(conn, job, state="done", now=deps.clock.now(), error="nothing to send")
-            return
-        if not await mark_started(conn, job, deps.clock.now()):
-            return  # our lease was recovered meanwhile; whoever holds the job now sends it
-        contact = (await conn.execute(select(C).where(C.c.id == row.contact_id))).one()
-        cipher = await deps.keys.cipher(conn, contact.dek_id)
-        att = (await conn.execute(select(A).where(A.c.message_id == mid))).first()
-        await conn.execute(update(M).where(M.c.id == mid).values(status="sending"))
-    out = _outbound(cipher, row, contact, att)
+    ticket = await pacer.acquire()  # the slot first: a long wait must not look like a started send
     try:
-        result = await adapter.send(out)
+        async with deps.db.engine.begin() as conn:
+            row = (await conn.execute(select(M).where(M.c.id == mid))).first()
+            if row is None or row.status not in ("queued", "sending"):
+                await finish(conn, job, state="done", now=deps.clock.now(), error="nothing to send")
+                return
+            if not await mark_started(conn, job, deps.clock.now()):
+                return  # our lease was recovered meanwhile; whoever holds the job now sends it
+            contact = (await conn.execute(select(C).where(C.c.id == row.contact_id))).one()
+            cipher = await deps.keys.cipher(conn, contact.dek_id)
+            att = (await conn.execute(select(A).where(A.c.message_id == mid))).first()
+            await conn.execute(update(M).where(M.c.id == mid).values(status="sending"))
+        out = _outbound(cipher, row, contact, att)
+        try:
+            result = await adapter.send(out)
+        finally:
+            ticket.done()  # the answer is back: this send can no longer arrive later
     except ChannelError as err:
         await _send_failed(deps, job, row, rt, err)
         return
+    finally:
+        ticket.done()
     now = deps.clock.now()
     async with deps.db.engine.begin() as conn:
         await conn.execute(
@@ -203,8 +208,11 @@ async def _upload_media(deps: JobDeps, adapter: WhatsAppAdapter, pacer: Any, mid
         cipher = await deps.keys.cipher(conn, dek_id)
     data = deps.blobs.get(cipher=cipher, attachment_id=att.id, name=att.blob_name)
     filename = cipher.open_text(att.filename_enc, "attachments", "filename", att.id) or "file"
-    await pacer.acquire()
-    media_id = await adapter.upload_media(data=data, mime_type=att.mime_type, filename=filename)
+    ticket = await pacer.acquire()
+    try:
+        media_id = await adapter.upload_media(data=data, mime_type=att.mime_type, filename=filename)
+    finally:
+        ticket.done()
     async with deps.db.engine.begin() as conn:
         await conn.execute(update(A).where(A.c.id == att.id).values(media_id=media_id))
 
@@ -217,7 +225,7 @@ def _outbound(cipher: Any, row: Any, contact: Any, att: Any) -> OutboundMessage:
     return OutboundMessage(
         to_user_id=cipher.open_text(contact.bsuid_enc, "contacts", "bsuid", contact.id),
         to_phone=_e164(cipher.open_text(contact.phone_enc, "contacts", "phone", contact.id)),
-        kind=row.type if row.type in ("text", "image", "document", "template") else "text",
+        kind=row.type if row.type in ("text", "image", "document", "template", "interactive") else "text",
         text=None if row.type == "template" else cipher.open_text(row.body_enc, "messages", "body", mid),
         media_id=att.media_id if att is not None else None,
         filename=cipher.open_text(att.filename_enc, "attachments", "filename", att.id)
@@ -227,6 +235,7 @@ def _outbound(cipher: Any, row: Any, contact: Any, att: Any) -> OutboundMessage:
         template_language=tpl.get("language"),
         template_params=tuple(tpl.get("params") or ()),
         reply_to_external_id=row.context_external_id,
+        buttons=tuple((b["id"], b["title"]) for b in details.get("buttons") or ()),
     )
 
 
@@ -342,14 +351,17 @@ async def download_media(deps: JobDeps, job: ClaimedJob) -> None:
 async def mark_read(deps: JobDeps, job: ClaimedJob) -> None:
     """Tell the provider the patient's messages were read (only when the organisation enabled it)."""
     rt = await deps.channels.get(deps.db.sessionmaker, job.channel_id or "")
-    await deps.limits.for_channel(rt.id, rt.rate_limit_per_s).acquire()
+    ticket = await deps.limits.for_channel(rt.id, rt.rate_limit_per_s).acquire()
     try:
         await deps.adapter(rt).mark_read(job.payload["external_id"])
         state, retry_in, error = "done", None, None
     except ChannelError as err:
+        ticket.done()  # before the bookkeeping below
         if isinstance(err, ChannelDownError):
             await _channel_down(deps, rt, err)
         retry = isinstance(err, RetryableError) and job.attempts < 5
         state, retry_in, error = ("queued" if retry else "failed"), backoff_seconds(job.attempts), err.code
+    finally:
+        ticket.done()
     async with deps.db.engine.begin() as conn:
         await finish(conn, job, state=state, now=deps.clock.now(), error=error, retry_in=retry_in)

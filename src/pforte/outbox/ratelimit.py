@@ -1,13 +1,21 @@
 """Per-channel send pacing that never exceeds the configured messages per second.
 
-Sends are spaced ``(1 + margin)/rate`` seconds apart (a leaky bucket with no burst). The provider
-counts arrivals in a sliding second; with that spacing, any one-second window holds at most ``rate``
-arrivals as long as a request's lateness plus its network jitter stays under ``margin`` seconds
-(an absolute budget, whatever the rate: 100 ms at the default 10 %). So a caller that wakes more than
-``LATE_TOLERANCE`` after its slot gives the slot up and takes the next free one instead of sending
-late into the following window. The Cloud API's 130429 then does not fire because of us; the price
-is running at rate/1.1.
-``Pacer`` is shared by the tasks of one process; ``SharedPacer`` by every process on one database.
+Two mechanisms work together:
+
+* **Spacing.** Sends are spaced ``(1 + margin)/rate`` seconds apart (a leaky bucket with no burst),
+  so the load is smooth. A caller that wakes more than ``LATE_TOLERANCE`` after its slot gives the
+  slot up and takes the next free one instead of sending late into a bunch.
+* **Window.** The provider counts *arrivals* in a sliding second. An arrival lies somewhere between
+  the moment we start a request and the moment its answer is back, so a send may start only once
+  the answer to the send ``rate`` places before it is back and more than one second has passed
+  since. Then any two sends ``rate`` apart arrive more than a second apart, whatever the network or
+  the event loop delayed: no one-second window can hold ``rate + 1`` arrivals. Spacing alone needs
+  the jitter to stay under ``margin`` seconds; a loaded machine (a GC pause, a busy event loop)
+  breaks that, and the Cloud API answers 130429.
+
+Callers hold a ``Ticket`` from ``acquire()`` and call ``ticket.done()`` as soon as the provider's
+answer (or the error) is back. ``Pacer`` is shared by the tasks of one process; ``SharedPacer``
+shares the spacing with every process on one PostgreSQL database and keeps the window per process.
 """
 
 from __future__ import annotations
@@ -22,20 +30,73 @@ from pforte.db import Database
 
 MARGIN = 0.10  # spacing is (1 + MARGIN) / rate
 LATE_TOLERANCE = 0.03  # seconds a caller may send after its slot; later, it takes a new slot
-MAX_RESLOTS = 3  # under sustained lag, send after this many tries rather than starve (a 130429 is retried)
+MAX_RESLOTS = 3  # under sustained lag, stop re-slotting after this many tries (the window still holds)
+WINDOW_S = 1.0  # the provider's counting window
+WINDOW_SLACK = 0.002  # seconds added to the window for clocks that tick differently
+STUCK_AFTER_S = 120.0  # a ticket never marked done (a bug) stops blocking the window after this
+
+
+class Ticket:
+    """One send's place in the window; ``done()`` once the provider's answer is back (idempotent)."""
+
+    __slots__ = ("_clock", "_ended", "end")
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._ended = asyncio.Event()
+        self.end = 0.0
+
+    def done(self) -> None:
+        """Record that the request is over: it can no longer arrive at the provider after now."""
+        if not self._ended.is_set():
+            self.end = self._clock.monotonic()
+            self._ended.set()
+
+    async def ended(self) -> float:
+        """Wait until the request is over; its end on the monotonic clock."""
+        await self._ended.wait()
+        return self.end
+
+
+class _Window:
+    """Lets a send start only after the send ``rate`` places before it ended more than a second ago."""
+
+    def __init__(self, rate_per_s: float, clock: Clock) -> None:
+        self.size = max(1, int(rate_per_s))
+        self._clock = clock
+        self._recent: deque[Ticket] = deque()
+        self._lock = asyncio.Lock()
+
+    async def enter(self) -> Ticket:
+        async with self._lock:  # tickets are handed out in start order
+            if len(self._recent) >= self.size:
+                oldest = self._recent.popleft()
+                try:
+                    end = await asyncio.wait_for(oldest.ended(), STUCK_AFTER_S)
+                except TimeoutError:
+                    end = self._clock.monotonic()
+                free_at = end + WINDOW_S + WINDOW_SLACK
+                wait = free_at - self._clock.monotonic()
+                if wait > 0:
+                    await self._clock.sleep(wait)
+            ticket = Ticket(self._clock)
+            self._recent.append(ticket)
+            return ticket
 
 
 class Pacer:
-    """Spaces calls for one channel."""
+    """Spaces calls for one channel and keeps its window."""
 
     def __init__(self, rate_per_s: float, clock: Clock, margin: float = MARGIN) -> None:
         self.interval = (1.0 + margin) / rate_per_s
         self._clock = clock
         self._next = 0.0
         self._lock = asyncio.Lock()
+        self._window = _Window(rate_per_s, clock)
 
-    async def acquire(self) -> None:
-        """Wait for this call's slot; if woken too late, take the next free slot (at most 3 times)."""
+    async def acquire(self) -> Ticket:
+        """Wait for this call's slot (if woken too late, take the next free one, at most 3 times)
+        and for room in the window."""
         for _ in range(MAX_RESLOTS):
             async with self._lock:
                 now = self._clock.monotonic()
@@ -44,7 +105,8 @@ class Pacer:
             if slot > now:
                 await self._clock.sleep(slot - now)
             if self._clock.monotonic() - slot <= LATE_TOLERANCE:
-                return
+                break
+        return await self._window.enter()
 
 
 _ENSURE_ROW = "INSERT INTO send_slots (channel_id, next_slot) VALUES (:c, 0) ON CONFLICT DO NOTHING"
@@ -76,6 +138,7 @@ class SharedPacer:
         self._slots: deque[float] = deque()
         self._lock = asyncio.Lock()
         self._row_ready = False
+        self._window = _Window(rate_per_s, clock)
 
     async def _reserve(self) -> None:
         span = self.block * self.interval
@@ -98,8 +161,9 @@ class SharedPacer:
         start = local_now + (float(row.start) - float(row.db_now))
         self._slots.extend(start + i * self.interval for i in range(self.block))
 
-    async def acquire(self) -> None:
-        """Wait for a slot reserved for this process; if woken too late, take another (at most 3 times)."""
+    async def acquire(self) -> Ticket:
+        """Wait for a slot reserved for this process (if woken too late, take another, at most 3
+        times) and for room in this process's window."""
         for _ in range(MAX_RESLOTS):
             async with self._lock:
                 now = self._clock.monotonic()
@@ -112,7 +176,8 @@ class SharedPacer:
             if slot > now:
                 await self._clock.sleep(slot - now)
             if self._clock.monotonic() - slot <= LATE_TOLERANCE:
-                return
+                break
+        return await self._window.enter()
 
 
 class RateLimits:
