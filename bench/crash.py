@@ -300,6 +300,7 @@ class CrashRun:
         self.simulator.start()
         self._cli("migrate")
         self._cli("org", "create", "--name", "Crash Klinik", "--slug", "crash")
+        self._cli("org", "set", "--org", "crash", "consent_required", "false")  # durability, not consent
         self._cli("user", "create", "--org", "crash", "--email", STAFF_EMAIL, "--password", STAFF_PASSWORD)
         channel = json.loads(
             self._cli(

@@ -93,9 +93,10 @@ async def seed_clinic(
     access_token: str,
     app_secret: str,
     password: str,
+    consent_required: bool = False,
 ) -> Clinic:
     """An organisation with an admin and a staff user, a WhatsApp channel and a template in pforte,
-    the same number and template in the simulator, and one patient there."""
+    the same number and template in the simulator, and one patient there (consent step off unless asked)."""
     from pforte.channels import service as channels
     from pforte.conversations.models import MessageTemplate
     from pforte.orgs import service as orgs
@@ -107,6 +108,9 @@ async def seed_clinic(
         org = await orgs.create(
             session=session, keys=services.keys, name="Klinikum Test", slug="klinikum", now=now
         )
+        # The consent step is on by default (tests/integration/test_privacy_chat.py proves it); tests
+        # of other features switch it off unless they ask for it, so their patients can be written to.
+        org.settings = {**org.settings, "consent_required": consent_required}
         await staff.create(
             session=session,
             org_id=org.id,

@@ -49,6 +49,12 @@ def create_app(services: Services, *, manage_lifespan: bool = True) -> FastAPI:
         log.warning("dependency unavailable", extra={"error": type(exc).__name__})
         return JSONResponse({"error": "unavailable"}, status_code=503, headers={"Retry-After": "5"})
 
+    @app.exception_handler(Exception)
+    async def _unhandled(request: Request, exc: Exception) -> Response:
+        # Starlette re-raises after this answer, so the server still logs the exception type.
+        services.reporter.capture(exc)
+        return PlainTextResponse("Internal Server Error", status_code=500)
+
     @app.get("/healthz", response_class=PlainTextResponse)
     async def healthz() -> str:
         """The process is alive."""
@@ -73,9 +79,13 @@ def create_app(services: Services, *, manage_lifespan: bool = True) -> FastAPI:
 
     app.include_router(whatsapp_router)
     from pforte.web.ui.lifecycle import router as lifecycle_router
+    from pforte.web.ui.privacy import router as privacy_router
     from pforte.web.ui.routes import router as ui_router
+    from pforte.web.ui.settings import router as settings_router
 
     app.include_router(ui_router)
     app.include_router(lifecycle_router)
+    app.include_router(privacy_router)
+    app.include_router(settings_router)
     app.add_middleware(SecurityHeaders)
     return app

@@ -7,6 +7,7 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+from sentry_sdk.transport import Transport
 
 from pforte.channels.service import ChannelCache
 from pforte.clock import Clock, SystemClock
@@ -22,6 +23,8 @@ from pforte.events import KEY_DESTROYED, EventBus, PgEventBridge
 from pforte.metrics import Metrics
 from pforte.outbox.ratelimit import RateLimits
 from pforte.outbox.worker import OutboxWorker
+from pforte.privacy import jobs as privacy_jobs
+from pforte.reporting.reporter import ErrorReporter
 from pforte.retention import jobs as retention_jobs
 from pforte.staff import jobs as staff_jobs
 
@@ -43,6 +46,7 @@ class Services:
     http: httpx.AsyncClient
     ledger: Ledger
     eraser: Eraser
+    reporter: ErrorReporter
     bridge: PgEventBridge | None = None
     started: bool = False
 
@@ -53,6 +57,7 @@ class Services:
         if self.bridge is not None:
             await self.bridge.start()
         await self.ingest.start()
+        await self.reporter.start()
         if self.settings.run_workers:
             await self.outbox.start()
         self.started = True
@@ -64,6 +69,7 @@ class Services:
             await self.ingest.stop()
             if self.bridge is not None:
                 await self.bridge.stop()
+            await self.reporter.stop()
             self.started = False
         await self.http.aclose()
         await self.db.dispose()
@@ -75,6 +81,7 @@ def build_services(
     clock: Clock | None = None,
     key_provider: KeyProvider | None = None,
     graph_transport: httpx.AsyncBaseTransport | None = None,
+    error_transport: Transport | None = None,
     **_: Any,
 ) -> Services:
     """Wire pforte; nothing connects until ``start`` or the first query."""
@@ -86,6 +93,8 @@ def build_services(
     metrics = Metrics()
     bus = EventBus()
     bus.watchers.append(lambda e: keys.forget(e.ref) if e.type == KEY_DESTROYED and e.ref else None)
+    reporter = ErrorReporter(db=db, transport=error_transport)
+    bus.watchers.append(reporter.on_event)
     ledger = FileLedger(settings.effective_erasure_ledger)
     eraser = Eraser(keys=keys, blobs=blobs, ledger=ledger, bus=bus)
     channels = ChannelCache(keys)
@@ -125,6 +134,12 @@ def build_services(
     ingest.on_parked = lambda: outbox.run_soon(reconcile_pending_statuses)
     staff_jobs.register(outbox, clock=clock, idle=timedelta(minutes=settings.session_idle_minutes))
     retention_jobs.register(outbox, db=db, eraser=eraser, clock=clock, settings=settings)
+    privacy_jobs.register(
+        outbox,
+        privacy_jobs.PrivacyDeps(
+            db=db, keys=keys, clock=clock, bus=bus, worker=outbox, base_url=settings.base_url
+        ),
+    )
     return Services(
         settings=settings,
         clock=clock,
@@ -139,5 +154,6 @@ def build_services(
         http=http,
         ledger=ledger,
         eraser=eraser,
+        reporter=reporter,
         bridge=PgEventBridge(settings.effective_database_url, bus) if db.dialect == "postgresql" else None,
     )

@@ -140,6 +140,44 @@ def org_create(name: str = typer.Option(...), slug: str = typer.Option(...)) -> 
     typer.echo(_run(_settings(), _do))
 
 
+@org_app.command("set")
+def org_set(
+    org: str = typer.Option(..., help="organisation slug"),
+    name: str = typer.Argument(..., help="setting name, e.g. consent_required"),
+    value: str = typer.Argument(..., help="JSON value, e.g. false, 30 or '[\"stop\"]'"),
+) -> None:
+    """Change one organisation setting (audited); `pforte org settings` lists them."""
+    from pforte.audit.service import CLI
+    from pforte.orgs import service as orgs
+
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        clikit.fail("the value must be JSON (true, false, a number, a quoted string or a list)")
+
+    async def _do(sv: Any) -> None:
+        async with sv.db.transaction() as session:
+            found = await orgs.get_by_slug(session=session, slug=org)
+            await orgs.update_settings(
+                session=session, org_id=found.id, changes={name: parsed}, actor=CLI, now=sv.clock.now()
+            )
+
+    _run(_settings(), _do)
+
+
+@org_app.command("settings")
+def org_settings(org: str = typer.Option(..., help="organisation slug")) -> None:
+    """Print an organisation's settings with their defaults filled in (JSON)."""
+    from pforte.orgs import service as orgs
+
+    async def _do(sv: Any) -> dict[str, Any]:
+        async with sv.db.transaction() as session:
+            found = await orgs.get_by_slug(session=session, slug=org)
+            return {k: orgs.setting(found, k) for k in orgs.DEFAULT_SETTINGS}
+
+    typer.echo(json.dumps(_run(_settings(), _do), indent=1, sort_keys=True))
+
+
 @org_app.command("list")
 def org_list() -> None:
     """List organisations."""

@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from pforte import migrate
 from pforte.app import create_app
+from pforte.audit.service import SYSTEM
 from pforte.bootstrap import build_services
 from pforte.channels import service as channels
 from pforte.channels.models import Channel
@@ -24,6 +25,8 @@ from pforte.channels.simulator import SimulatorConfig, create_simulator_app
 from pforte.config import Settings
 from pforte.conversations.models import MessageTemplate
 from pforte.orgs import service as orgs
+from pforte.privacy import service as privacy
+from pforte.privacy import texts as privacy_texts
 from pforte.staff import service as staff
 
 DEMO_PNID = "100000000000001"
@@ -83,6 +86,15 @@ async def run_demo(settings: Settings) -> None:
                         org_id=org.id, name=name, language=lang, body=body, param_count=n, created_at=now
                     )
                 )
+            # The demo shows the whole privacy dialogue: notice first, then the consent buttons.
+            await privacy.publish_notice(
+                session,
+                org_id=org.id,
+                body_de=privacy_texts.DEFAULT_NOTICE_DE.format(org=org.name),
+                body_en=privacy_texts.DEFAULT_NOTICE_EN.format(org=org.name),
+                actor=SYSTEM,
+                now=now,
+            )
         ch = (
             await session.execute(select(Channel).where(Channel.phone_number_id == DEMO_PNID))
         ).scalar_one_or_none()

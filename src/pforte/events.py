@@ -28,7 +28,8 @@ CHANNEL = "pforte_events"
 
 # Events for the processes themselves, never sent to browsers.
 KEY_DESTROYED = "key_destroyed"
-SYSTEM_TYPES = frozenset({KEY_DESTROYED})
+ERROR_REPORTING_CHANGED = "error_reporting_changed"  # every process re-reads the setting (reporting/)
+SYSTEM_TYPES = frozenset({KEY_DESTROYED, ERROR_REPORTING_CHANGED})
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,8 @@ from pforte.db import Base
 from pforte.deletion.models import Tombstone
 from pforte.orgs.models import Organisation
 from pforte.outbox.models import Job, PeriodicRun, SendSlot
+from pforte.privacy.models import ConsentEvent, PrivacyNotice
+from pforte.reporting.models import ErrorReporting
 from pforte.retention.models import Hold, RetentionRule
 from pforte.staff.models import LoginAttempt, StaffSession, StaffUser
 
@@ -25,10 +27,12 @@ __all__ = [
     "AuditHead",
     "Base",
     "Channel",
+    "ConsentEvent",
     "Contact",
     "Conversation",
     "ConversationTag",
     "DataKey",
+    "ErrorReporting",
     "Hold",
     "Job",
     "LoginAttempt",
@@ -37,6 +41,7 @@ __all__ = [
     "Organisation",
     "PendingStatus",
     "PeriodicRun",
+    "PrivacyNotice",
     "RetentionRule",
     "SendSlot",
     "StaffSession",

@@ -110,6 +110,15 @@ def test_demo_two_tabs_patient_and_clinician(demo) -> None:
             expect(item).to_be_visible()  # live, without a reload
             item.locator("a").click()
             expect(inbox.locator("#thread")).to_contain_text("ich habe seit gestern Fieber")
+            # No reply before consent: pforte sent the notice and asks with two buttons.
+            expect(inbox.locator("[data-send-block]")).to_be_visible()
+            expect(phone.locator("#chat")).to_contain_text("Datenschutzhinweis von Demo-Klinik (Version 1)")
+            phone.bring_to_front()
+            phone.locator("button.option", has_text="Ja, einverstanden").click()
+            expect(phone.locator("#chat")).to_contain_text("Ihre Einwilligung ist gespeichert")
+            inbox.bring_to_front()
+            expect(inbox.locator("#consent-state")).to_contain_text("Einwilligung erteilt")  # live
+            expect(inbox.locator("#reply-text")).to_be_visible()
             inbox.fill("#reply-text", "Bitte kommen Sie morgen um 9 Uhr in die Sprechstunde.")
             inbox.click(".reply-form button[type=submit]")
             out = inbox.locator(".msg-out", has_text="morgen um 9 Uhr")

@@ -105,6 +105,9 @@ class Stack:
             )
         )
         self.cli("org", "create", "--name", "Klinikum", "--slug", "klinikum")
+        self.cli(
+            "org", "set", "--org", "klinikum", "consent_required", "false"
+        )  # not what this test is about
         self.cli("user", "create", "--org", "klinikum", "--email", "dr@klinikum.test", "--password", PASSWORD)
         ch = json.loads(
             self.cli(

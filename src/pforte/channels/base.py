@@ -151,7 +151,7 @@ class OutboundMessage:
 
     to_user_id: str | None  # BSUID
     to_phone: str | None  # E.164 with '+'
-    kind: Literal["text", "image", "document", "template"]
+    kind: Literal["text", "image", "document", "template", "interactive"]
     text: str | None = None  # body for text, caption for media
     media_id: str | None = None
     filename: str | None = None
@@ -159,6 +159,7 @@ class OutboundMessage:
     template_language: str | None = None
     template_params: tuple[str, ...] = ()
     reply_to_external_id: str | None = None
+    buttons: tuple[tuple[str, str], ...] = ()  # interactive reply buttons: (id, title), 1 to 3
 
 
 @dataclass(frozen=True, slots=True)

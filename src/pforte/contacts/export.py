@@ -46,6 +46,8 @@ Why it is built this way:
              {"id", "kind", "mime_type", "file_name", "size", "sha256",
               "state" ("included" | "pending" | "failed" | "deleted" | "unreadable"),
               "path" (inside the ZIP when included, else null), "error_reason"}]}]}],
+     "consent": [{"state" ("notice_sent" | "requested" | "given" | "refused" | "withdrawn"),
+                  "notice_version", "via", "at", "conversation_id", "message_id", "external_id"}],
      "totals": {"conversations", "messages", "attachments", "files"}}
 
 Values that are unknown are ``null``; keys are always present.
@@ -83,6 +85,7 @@ from pforte.crypto.keys import KeyService
 from pforte.errors import CryptoError
 from pforte.i18n import translations
 from pforte.orgs.models import Organisation
+from pforte.privacy import service as privacy
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +190,7 @@ class SubjectExport:
     generated_at: datetime
     conversations: tuple[ConversationRecord, ...]
     cipher: FieldCipher = field(repr=False)
+    consent: tuple[dict[str, Any], ...] = ()  # the consent ledger, oldest first
 
     @property
     def messages(self) -> int:
@@ -270,8 +274,28 @@ async def collect(
             )
     # A reply names the quoted message by the provider's id, unique per channel.
     by_external = {(m.channel_id, m.external_id): m.id for m in msgs if m.external_id}
+    # A long text sent in parts is one message; its parts are listed in its details, not repeated.
+    parts: dict[str, list[dict[str, Any]]] = {}
+    for m in msgs:
+        if m.parent_id:
+            if m.external_id:  # a reply to a part quotes the whole message
+                by_external[(m.channel_id, m.external_id)] = m.parent_id
+            parts.setdefault(m.parent_id, []).append(
+                {
+                    "part": m.part_index,
+                    "of": m.part_count,
+                    "external_id": m.external_id,
+                    "status": m.status,
+                    "sent_at": _iso(m.sent_at),
+                    "delivered_at": _iso(m.delivered_at),
+                    "read_at": _iso(m.read_at),
+                    "failed_at": _iso(m.failed_at),
+                }
+            )
     per_conv: dict[str, list[MessageRecord]] = {}
     for m in msgs:
+        if m.parent_id:
+            continue
         raw = text(m.raw_enc, "messages", "raw", m.id)
         per_conv.setdefault(m.conversation_id, []).append(
             MessageRecord(
@@ -288,7 +312,10 @@ async def collect(
                 failed_at=m.failed_at,
                 text=text(m.body_enc, "messages", "body", m.id),
                 template_name=m.template_name,
-                details=json.loads(text(m.details_enc, "messages", "details", m.id) or "{}"),
+                details={
+                    **json.loads(text(m.details_enc, "messages", "details", m.id) or "{}"),
+                    **({"parts": sorted(parts[m.id], key=lambda p: p["part"] or 0)} if m.id in parts else {}),
+                },
                 raw=json.loads(raw) if raw else None,
                 forwarded=bool(m.forwarded),
                 context_external_id=m.context_external_id,
@@ -328,6 +355,18 @@ async def collect(
             for conv, ch in convs
         ),
         cipher=cipher,
+        consent=tuple(
+            {
+                "state": e.state,
+                "notice_version": e.notice_version,
+                "via": e.via,
+                "at": _iso(e.at),
+                "conversation_id": e.conversation_id,
+                "message_id": e.message_id,
+                "external_id": e.external_id,
+            }
+            for e in await privacy.history(session, org_id=org_id, contact_id=contact.id)
+        ),
     )
 
 
@@ -521,6 +560,7 @@ def document(export: SubjectExport, written: dict[str, _Written], *, lang: str) 
             }
             for c in export.conversations
         ],
+        "consent": list(export.consent),
         "totals": {
             "conversations": len(export.conversations),
             "messages": export.messages,

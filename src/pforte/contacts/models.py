@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import ForeignKey, Index, LargeBinary, String, UniqueConstraint
+from sqlalchemy import ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from pforte.db import Base, UTCDateTime, new_id
@@ -29,6 +29,11 @@ class Contact(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     # Set when the contact's key is destroyed; its rows wait for the physical clean-up, invisible.
     erased_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Privacy in the chat (privacy/): the current state; the history is the consent_events ledger.
+    consent_state: Mapped[str] = mapped_column(String(16), default="none", server_default="none")
+    consent_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    consent_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    notice_version_sent: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     __table_args__ = (
         UniqueConstraint("org_id", "bsuid_index"),

@@ -33,6 +33,7 @@ from pforte.channels.base import MEDIA_TYPES, InboundBatch, InboundMessage, Stat
 from pforte.channels.service import ChannelRuntime
 from pforte.clock import Clock
 from pforte.contacts.models import Contact
+from pforte.conversations import parts as parts_policy
 from pforte.conversations import status as status_policy
 from pforte.conversations.models import Attachment, Conversation, Message, PendingStatus
 from pforte.crypto.blind_index import blind_index
@@ -45,6 +46,9 @@ from pforte.events import EventBus, LiveEvent
 from pforte.metrics import Metrics
 from pforte.orgs.models import Organisation
 from pforte.outbox.models import Job
+from pforte.privacy import policy as privacy_policy
+from pforte.privacy.models import PrivacyNotice
+from pforte.privacy.service import org_privacy_from
 
 log = logging.getLogger("pforte.ingest")
 
@@ -87,6 +91,7 @@ class Ingestor:
         self.keys = keys
         self.clock = clock
         self._org_keys: dict[str, _OrgKeys] = {}
+        self._privacy_state: dict[str, tuple[str, int | None]] = {}  # contact -> (consent, notice sent)
 
     async def _org(self, conn: AsyncConnection, org_id: str) -> _OrgKeys:
         hit = self._org_keys.get(org_id)
@@ -126,6 +131,7 @@ class Ingestor:
         now = self.clock.now()
         dialect = conn.dialect.name
         events: set[tuple[str, str]] = set()
+        self._privacy_state.clear()
         for it in items:
             it.result = IngestResult()  # a retried group starts counting afresh
         # Messages first: contacts -> conversations -> rows.
@@ -158,7 +164,14 @@ class Ingestor:
             return found
         rows = (
             await conn.execute(
-                select(C.c.id, C.c.dek_id, C.c.bsuid_index, C.c.phone_index)
+                select(
+                    C.c.id,
+                    C.c.dek_id,
+                    C.c.bsuid_index,
+                    C.c.phone_index,
+                    C.c.consent_state,
+                    C.c.notice_version_sent,
+                )
                 .where(C.c.org_id == org_id, or_(*conds))
                 .order_by(C.c.created_at)
             )
@@ -186,6 +199,7 @@ class Ingestor:
                         )
             if r is not None:
                 found[k] = (r.id, r.dek_id)
+                self._privacy_state[r.id] = (r.consent_state, r.notice_version_sent)
                 continue
             kek_id = kek_id or await self._kek_id(conn, org_id)
             key_row, key = self.keys.new_data_key(org_id=org_id, kek_id=kek_id, purpose="contact", now=now)
@@ -210,6 +224,7 @@ class Ingestor:
                 }
             )
             found[k] = (cid, key_row["id"])
+            self._privacy_state[cid] = ("none", None)
         if adopt:
             ciphers = await self.keys.ciphers(conn, {a["b_dek"] for a in adopt})
             for a in adopt:
@@ -322,6 +337,13 @@ class Ingestor:
                 details["frequently_forwarded"] = True
             if m.errors:
                 details["errors"] = [{"code": e.code, "title": e.title} for e in m.errors]
+            digest = parts_policy.content_hash(
+                direction="in",
+                type_=m.type,
+                body=m.text,
+                details=details,
+                media=[(m.media.sha256, m.media.filename)] if m.media and m.type in MEDIA_TYPES else (),
+            )
             rows.append(
                 {
                     "id": mid,
@@ -352,6 +374,7 @@ class Ingestor:
                     "delivered_at": None,
                     "read_at": None,
                     "failed_at": None,
+                    "content_hash_enc": cipher.seal_text(digest, "messages", "content_hash", mid),
                 }
             )
             owners[mid] = (it, m, cipher, contact_id)
@@ -393,26 +416,11 @@ class Ingestor:
                         "created_at": now,
                     }
                 )
-                jobs.append(
-                    {
-                        "id": new_id(),
-                        "org_id": org_id,
-                        "kind": "download_media",
-                        "channel_id": it.channel.id,
-                        "payload": {"attachment_id": aid},
-                        "state": "queued",
-                        "attempts": 0,
-                        "run_after": now,
-                        "locked_by": None,
-                        "locked_until": None,
-                        "started_at": None,
-                        "last_error": None,
-                        "created_at": now,
-                        "updated_at": now,
-                    }
-                )
+                jobs.append(_job_row(org_id, "download_media", it.channel.id, {"attachment_id": aid}, now))
+        jobs += await self._privacy_jobs(conn, org_id, rows, inserted, owners, now)
         if attachments:
             await conn.execute(insert(A), attachments)
+        if jobs:
             await conn.execute(insert(J), jobs)
         if conv_updates:
             params = [
@@ -438,6 +446,51 @@ class Ingestor:
                 .values(last_inbound_at=bindparam("c_ts")),
                 [{"c_id": p["c_id"], "c_ts": p["c_ts"]} for p in params],
             )
+
+    async def _privacy_jobs(
+        self,
+        conn: AsyncConnection,
+        org_id: str,
+        rows: list[dict[str, Any]],
+        inserted: set[str],
+        owners: dict[str, Any],
+        now: datetime,
+    ) -> list[dict[str, Any]]:
+        """One ``privacy_reply`` job per conversation whose new messages may need a privacy answer."""
+        org_row = (
+            await conn.execute(
+                select(
+                    Organisation.settings,
+                    select(func.max(PrivacyNotice.version))
+                    .where(PrivacyNotice.org_id == org_id)
+                    .scalar_subquery()
+                    .label("notice_version"),
+                ).where(Organisation.id == org_id)
+            )
+        ).one()
+        cfg = org_privacy_from(org_row.settings, org_row.notice_version)
+        wanted: dict[str, list[str]] = defaultdict(list)
+        channel_of: dict[str, str] = {}
+        for row in rows:
+            if row["id"] not in inserted:
+                continue
+            _, m, _, contact_id = owners[row["id"]]
+            consent, notice_sent = self._privacy_state.get(contact_id, ("none", None))
+            if privacy_policy.may_concern_privacy(
+                text=m.text, type_=m.type, org=cfg, consent_state=consent, notice_version_sent=notice_sent
+            ):
+                wanted[row["conversation_id"]].append(row["id"])
+                channel_of[row["conversation_id"]] = row["channel_id"]
+        return [
+            _job_row(
+                org_id,
+                "privacy_reply",
+                channel_of[conv_id],
+                {"conversation_id": conv_id, "message_ids": ids},
+                now,
+            )
+            for conv_id, ids in sorted(wanted.items())
+        ]
 
     async def _write_statuses(
         self,
@@ -525,6 +578,28 @@ _STATUS_COLS = (
 _TIMESTAMPS = ("sent_at", "delivered_at", "read_at", "failed_at")
 _FAILABLE = ("queued", "sending", "accepted", "sent")  # states "failed" may still end
 _RANK = case(status_policy.STATUS_RANK, value=M.c.status, else_=-1)
+
+
+def _job_row(
+    org_id: str, kind: str, channel_id: str, payload: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    """A queued outbox job as a row for a bulk insert in the ingest's transaction."""
+    return {
+        "id": new_id(),
+        "org_id": org_id,
+        "kind": kind,
+        "channel_id": channel_id,
+        "payload": payload,
+        "state": "queued",
+        "attempts": 0,
+        "run_after": now,
+        "locked_by": None,
+        "locked_until": None,
+        "started_at": None,
+        "last_error": None,
+        "created_at": now,
+        "updated_at": now,
+    }
 
 
 def _guarded(col: str, failing: bool) -> Any:

@@ -30,6 +30,8 @@ class Conversation(Base):
     last_inbound_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     last_message_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # Set when the patient withdraws consent: retention counts from here, later activity does not reset it.
+    retention_clock_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     __table_args__ = (
         UniqueConstraint("channel_id", "contact_id"),
@@ -87,6 +89,15 @@ class Message(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     read_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # "Message x of y" (II.2): a long outgoing text is one logical row (parent_id NULL, not sent
+    # itself) and part rows that point to it, each sent on its own.
+    # No foreign key on purpose: adding one makes SQLite rebuild the whole table on upgrade. Every
+    # place that deletes message rows deletes the parts with them (deletion/service.py).
+    parent_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    part_index: Mapped[int | None] = mapped_column(Integer, nullable=True)  # 1-based
+    part_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # SHA-256 (hex) over the message's canonical content, encrypted like the content it describes.
+    content_hash_enc: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
     __table_args__ = (
         UniqueConstraint("channel_id", "external_id"),

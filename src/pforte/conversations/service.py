@@ -6,8 +6,10 @@ transaction (DESIGN 5, persist then send); the network call happens later in the
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pforte.channels.models import Channel
 from pforte.contacts.models import Contact
+from pforte.conversations import parts as parts_policy
 from pforte.conversations.models import Attachment, Conversation, Message, MessageTemplate
 from pforte.crypto.blobs import BlobStore
 from pforte.crypto.envelope import FieldCipher
@@ -25,9 +28,10 @@ from pforte.errors import ConflictError, NotFoundError, ValidationError
 from pforte.orgs import service as orgs
 from pforte.orgs.models import Organisation
 from pforte.outbox import service as outbox
+from pforte.privacy import service as privacy
 
 WINDOW = timedelta(hours=24)
-TEXT_LIMIT = 4096
+TEXT_LIMIT = parts_policy.MAX_TEXT_LENGTH  # longer than a channel allows: sent in parts
 CAPTION_LIMIT = 1024
 OUTBOUND_MEDIA = {
     "image/jpeg": "image",
@@ -90,6 +94,29 @@ class MessageView:
     context_text: str | None
     forwarded: bool
     attachments: list[AttachmentView] = field(default_factory=list)
+    content_hash: str | None = None  # SHA-256 over the canonical content (see conversations/parts.py)
+    hash_state: str = "missing"  # match | mismatch | missing (stored before hashes) | file_deleted
+    # A split outgoing message: its parts by index and the status derived from them.
+    parts: list[PartView] = field(default_factory=list)
+    split: parts_policy.LogicalStatus | None = None
+    review_id: str | None = None  # the row a review decision applies to (a part, for a split message)
+    # An incoming "(x/y)" sequence: the first member carries it (and every member's view); the other
+    # members name that first one and are shown inside it.
+    assembly: parts_policy.Assembly | None = None
+    members: list[MessageView] = field(default_factory=list)
+    assembled_into: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PartView:
+    """One part of a split outgoing message."""
+
+    id: str
+    index: int
+    status: str
+    error_reason: str | None
+    content_hash: str | None
+    hash_state: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +174,15 @@ async def list_(
 ) -> list[ConversationRow]:
     """The newest conversations of an organisation, newest activity first."""
     q = (
-        select(Conversation, Contact, Channel.name, Channel.state, Message.direction, Message.status)
+        select(
+            Conversation,
+            Contact,
+            Channel.name,
+            Channel.state,
+            Message.direction,
+            Message.status,
+            Message.part_count,
+        )
         .join(Contact, Contact.id == Conversation.contact_id)
         .join(Channel, Channel.id == Conversation.channel_id)
         .outerjoin(Message, Message.id == Conversation.last_message_id)
@@ -159,9 +194,14 @@ async def list_(
         q = q.where(Conversation.last_activity_at < before)
     rows = (await session.execute(q)).all()
     ciphers = await keys.ciphers(session, {r.Contact.dek_id for r in rows})
+    split = await _split_statuses(
+        session, {r.Conversation.last_message_id: r.part_count for r in rows if r.part_count}
+    )
     out = []
-    for conv, contact, ch_name, ch_state, last_dir, last_status in rows:
+    for conv, contact, ch_name, ch_state, last_dir, last_status, _ in rows:
         is_open, ends = window_state(conv.last_inbound_at, now)
+        if conv.last_message_id in split:
+            last_status = split[conv.last_message_id].status
         out.append(
             ConversationRow(
                 id=conv.id,
@@ -177,6 +217,24 @@ async def list_(
             )
         )
     return out
+
+
+async def _split_statuses(
+    session: AsyncSession, logical: dict[str | None, int]
+) -> dict[str, parts_policy.LogicalStatus]:
+    """The derived status of split messages, given their ids and part counts (one query)."""
+    ids = [i for i in logical if i]
+    if not ids:
+        return {}
+    found: dict[str, list[parts_policy.PartState]] = {i: [] for i in ids}
+    rows = await session.execute(
+        select(Message.parent_id, Message.part_index, Message.status, Message.error_reason).where(
+            Message.parent_id.in_(ids)
+        )
+    )
+    for parent, index, status, reason in rows:
+        found[str(parent)].append(parts_policy.PartState(index or 0, status, reason))
+    return {i: parts_policy.logical_status(ps, logical[i]) for i, ps in found.items()}
 
 
 async def _load(
@@ -213,35 +271,57 @@ async def get(
         (
             await session.execute(
                 select(Message)
-                .where(Message.conversation_id == conv.id)
+                .where(Message.conversation_id == conv.id, Message.parent_id.is_(None))
                 .order_by(Message.created_at.desc(), Message.id.desc())
                 .limit(limit)
             )
         ).scalars()
     )
     msgs.reverse()
+    part_rows: dict[str, list[Message]] = {}
+    split_ids = [m.id for m in msgs if m.part_count]
+    if split_ids:
+        for p in (
+            await session.execute(
+                select(Message).where(Message.parent_id.in_(split_ids)).order_by(Message.part_index)
+            )
+        ).scalars():
+            part_rows.setdefault(p.parent_id or "", []).append(p)
     atts: dict[str, list[AttachmentView]] = {}
+    media: dict[str, list[tuple[str | None, str | None]]] = {}
     if msgs:
         for a in (
             await session.execute(select(Attachment).where(Attachment.message_id.in_([m.id for m in msgs])))
         ).scalars():
+            filename = cipher.open_text(a.filename_enc, "attachments", "filename", a.id)
             atts.setdefault(a.message_id, []).append(
                 AttachmentView(
                     id=a.id,
                     kind=a.kind,
                     mime_type=a.mime_type,
-                    filename=cipher.open_text(a.filename_enc, "attachments", "filename", a.id),
+                    filename=filename,
                     state=a.state,
                     error_reason=a.error_reason,
                     size=a.size,
                 )
             )
+            media.setdefault(a.message_id, []).append((a.expected_sha256, filename))
     by_ext = {m.external_id: m for m in msgs if m.external_id}
+    by_ext.update({p.external_id: p for ps in part_rows.values() for p in ps if p.external_id})
     views = []
     for m in msgs:
         text = cipher.open_text(m.body_enc, "messages", "body", m.id)
         details = json.loads(cipher.open_text(m.details_enc, "messages", "details", m.id) or "{}")
         quoted = by_ext.get(m.context_external_id) if m.context_external_id else None
+        digest, hash_state = _check_hash(cipher, m, text, details, media.get(m.id, []), atts.get(m.id, []))
+        part_views = [_part_view(cipher, p) for p in part_rows.get(m.id, [])]
+        split = (
+            parts_policy.logical_status(
+                [parts_policy.PartState(p.index, p.status, p.error_reason) for p in part_views], m.part_count
+            )
+            if m.part_count
+            else None
+        )
         views.append(
             MessageView(
                 id=m.id,
@@ -249,7 +329,7 @@ async def get(
                 type=m.type,
                 text=text,
                 details=details,
-                status=m.status,
+                status=split.status if split else m.status,
                 created_at=m.created_at,
                 provider_ts=m.provider_ts,
                 sent_at=m.sent_at,
@@ -257,7 +337,7 @@ async def get(
                 read_at=m.read_at,
                 failed_at=m.failed_at,
                 error_code=m.error_code,
-                error_reason=m.error_reason,
+                error_reason=split.error_reason if split else m.error_reason,
                 error_title=m.error_title,
                 review_reason=m.review_reason,
                 template_name=m.template_name,
@@ -266,8 +346,17 @@ async def get(
                 else None,
                 forwarded=m.forwarded,
                 attachments=atts.get(m.id, []),
+                content_hash=digest,
+                hash_state=hash_state,
+                parts=part_views,
+                split=split,
+                review_id=next((p.id for p in part_views if p.status == "review"), None) if split else m.id,
             )
         )
+    org = await session.get(Organisation, org_id)
+    name = "incoming_parts_wait_minutes"  # how long a missing incoming part is waited for
+    wait = orgs.setting(org, name) if org is not None else orgs.DEFAULT_SETTINGS[name]
+    views = _assemble(views, now=now, wait=timedelta(minutes=int(wait)))
     is_open, ends = window_state(conv.last_inbound_at, now)
     templates = list(
         (
@@ -292,6 +381,60 @@ async def get(
         messages=views,
         templates=templates,
     )
+
+
+def _check_hash(
+    cipher: FieldCipher,
+    row: Message,
+    text: str | None,
+    details: dict[str, Any],
+    media: list[tuple[str | None, str | None]],
+    atts: list[AttachmentView],
+) -> tuple[str | None, str]:
+    """The stored content hash and whether the decrypted content still hashes to it."""
+    stored = cipher.open_text(row.content_hash_enc, "messages", "content_hash", row.id)
+    if stored is None:
+        return None, "missing"
+    if any(a.state == "deleted" for a in atts):
+        return stored, "file_deleted"  # the hash covers the file, which is gone on purpose
+    again = parts_policy.content_hash(
+        direction=row.direction, type_=row.type, body=text, details=details, media=media
+    )
+    return stored, "match" if again == stored else "mismatch"
+
+
+def _part_view(cipher: FieldCipher, p: Message) -> PartView:
+    text = cipher.open_text(p.body_enc, "messages", "body", p.id)
+    details = json.loads(cipher.open_text(p.details_enc, "messages", "details", p.id) or "{}")
+    digest, state = _check_hash(cipher, p, text, details, [], [])
+    return PartView(
+        id=p.id,
+        index=p.part_index or 0,
+        status=p.status,
+        error_reason=p.error_reason,
+        content_hash=digest,
+        hash_state=state,
+    )
+
+
+def _assemble(views: list[MessageView], *, now: datetime, wait: timedelta) -> list[MessageView]:
+    """Mark incoming "(x/y)" sequences: the first member shows them all, the others are folded in."""
+    groups = parts_policy.assemble(
+        [parts_policy.ThreadItem(v.id, v.direction, v.type, v.text, v.created_at) for v in views],
+        now=now,
+        wait=wait,
+    )
+    if not groups:
+        return views
+    by_id = {v.id: v for v in views}
+    changed: dict[str, MessageView] = {}
+    for g in groups:
+        head = g.ids[0]
+        order = [p.message_id for p in g.parts] + list(g.duplicates)
+        changed[head] = replace(by_id[head], assembly=g, members=[by_id[i] for i in order])
+        for other in g.ids[1:]:
+            changed[other] = replace(by_id[other], assembled_into=head)
+    return [changed.get(v.id, v) for v in views]
 
 
 async def mark_seen(*, session: AsyncSession, org_id: str, conversation_id: str, now: datetime) -> None:
@@ -335,7 +478,7 @@ async def _new_outgoing(
     *,
     org_id: str,
     conversation_id: str,
-    user_id: str,
+    user_id: str | None,
     type_: str,
     text: str | None,
     now: datetime,
@@ -345,8 +488,11 @@ async def _new_outgoing(
     require_window: bool = True,
     upload: bool = False,
     client_key: str | None = None,
+    system: bool = False,
 ) -> tuple[Message, FieldCipher, Conversation]:
     conv, contact, channel = await _load(session, org_id, conversation_id)
+    if not system:  # pforte's own privacy messages go out before consent; staff messages do not
+        await privacy.check_staff_may_send(session, org_id=org_id, contact=contact, channel=channel)
     if client_key:
         if len(client_key) > 64:
             raise ValidationError("the form's key is too long")
@@ -371,6 +517,13 @@ async def _new_outgoing(
         ).scalar_one_or_none()
         if context_ext is None:
             raise ValidationError("the quoted message is not part of this conversation or was not delivered")
+    # Longer than the channel takes: "message x of y" (II.2), see conversations/parts.py.
+    chunks = (
+        parts_policy.split_text(text, parts_policy.text_limit(channel.kind))
+        if type_ == "text" and text
+        else []
+    )
+    split = len(chunks) > 1
     mid = new_id()
     msg = Message(
         id=mid,
@@ -381,7 +534,7 @@ async def _new_outgoing(
         direction="out",
         type=type_,
         external_id=None,
-        status="queued",
+        status="split" if split else "queued",  # a logical message is never sent; its parts are
         body_enc=cipher.seal_text(text, "messages", "body", mid),
         details_enc=cipher.seal_text(json.dumps(details), "messages", "details", mid) if details else None,
         context_external_id=context_ext,
@@ -390,20 +543,66 @@ async def _new_outgoing(
         template_name=template_name,
         created_at=now,
         client_key=client_key or None,
+        part_count=len(chunks) if split else None,
+        content_hash_enc=_seal_hash(cipher, mid, type_=type_, body=text, details=details),
     )
     session.add(msg)
+    sendable = [msg]
+    if split:
+        sendable = []
+        for index, chunk in enumerate(chunks, start=1):
+            pid = new_id()
+            part = Message(
+                id=pid,
+                org_id=org_id,
+                conversation_id=conv.id,
+                channel_id=channel.id,
+                contact_id=contact.id,
+                direction="out",
+                type="text",
+                external_id=None,
+                status="queued",
+                body_enc=cipher.seal_text(chunk, "messages", "body", pid),
+                context_external_id=context_ext if index == 1 else None,
+                forwarded=False,
+                sender_user_id=user_id,
+                created_at=now,
+                parent_id=mid,
+                part_index=index,
+                part_count=len(chunks),
+                content_hash_enc=_seal_hash(cipher, pid, type_="text", body=chunk),
+            )
+            session.add(part)
+            sendable.append(part)
     conv.last_activity_at = now
     conv.last_message_id = mid
     await session.flush()
-    await outbox.enqueue(
-        session=session,
-        org_id=org_id,
-        kind="send_message",
-        channel_id=channel.id,
-        payload={"message_id": mid, "upload": True} if upload else {"message_id": mid},
-        now=now,
-    )
+    for row in sendable:  # each part is sent exactly like a single text
+        await outbox.enqueue(
+            session=session,
+            org_id=org_id,
+            kind="send_message",
+            channel_id=channel.id,
+            payload={"message_id": row.id, "upload": True} if upload else {"message_id": row.id},
+            now=now,
+        )
     return msg, cipher, conv
+
+
+def _seal_hash(
+    cipher: FieldCipher,
+    message_id: str,
+    *,
+    type_: str,
+    body: str | None,
+    details: dict[str, Any] | None = None,
+    media: list[tuple[str | None, str | None]] | None = None,
+) -> bytes | None:
+    """An outgoing message's content hash, sealed like its body (associated data names the row)."""
+    digest = parts_policy.content_hash(
+        direction="out", type_=type_, body=body, details=details, media=media or ()
+    )
+    return cipher.seal_text(digest, "messages", "content_hash", message_id)
 
 
 async def send_text(
@@ -412,17 +611,18 @@ async def send_text(
     keys: KeyService,
     org_id: str,
     conversation_id: str,
-    user_id: str,
+    user_id: str | None,
     text: str,
     now: datetime,
     reply_to_message_id: str | None = None,
     client_key: str | None = None,
+    system: bool = False,
 ) -> Message:
-    """Queue a free-form text (inside the 24-hour window only)."""
+    """Queue a free-form text (inside the 24-hour window only); ``system`` marks pforte's own replies."""
     text = text.strip()
     if not text:
         raise ValidationError("the message is empty", code="empty")
-    if len(text) > TEXT_LIMIT:
+    if len(text) > TEXT_LIMIT:  # up to the channel's limit it is one message, beyond it parts
         raise ValidationError(f"the message is longer than {TEXT_LIMIT} characters", code="too_long")
     msg, _, _ = await _new_outgoing(
         session,
@@ -435,6 +635,7 @@ async def send_text(
         now=now,
         reply_to_message_id=reply_to_message_id,
         client_key=client_key,
+        system=system,
     )
     return msg
 
@@ -525,6 +726,9 @@ async def send_media(
     )
     aid = new_id()
     blob = blobs.put(cipher=cipher, attachment_id=aid, data=data)
+    # The file's SHA-256 in WhatsApp's form (base64), so the message's content hash covers the file.
+    sha = base64.b64encode(hashlib.sha256(data).digest()).decode()
+    msg.content_hash_enc = _seal_hash(cipher, msg.id, type_=kind, body=caption, media=[(sha, filename[:200])])
     session.add(
         Attachment(
             id=aid,
@@ -534,7 +738,7 @@ async def send_media(
             kind=kind,
             media_id=None,
             mime_type=mime_type,
-            expected_sha256=None,
+            expected_sha256=sha,
             filename_enc=cipher.seal_text(filename[:200], "attachments", "filename", aid),
             size=len(data),
             state="stored",
@@ -628,3 +832,29 @@ async def ensure(*, session: AsyncSession, org_id: str, conversation_id: str) ->
     )
     if found.first() is None:
         raise NotFoundError("conversation not found")
+
+
+async def send_buttons(
+    *,
+    session: AsyncSession,
+    keys: KeyService,
+    org_id: str,
+    conversation_id: str,
+    text: str,
+    buttons: list[tuple[str, str]],
+    now: datetime,
+) -> Message:
+    """Queue pforte's own interactive message with reply buttons (id, title); not a staff send."""
+    msg, _, _ = await _new_outgoing(
+        session,
+        keys,
+        org_id=org_id,
+        conversation_id=conversation_id,
+        user_id=None,
+        type_="interactive",
+        text=text,
+        now=now,
+        details={"buttons": [{"id": i, "title": t} for i, t in buttons]},
+        system=True,
+    )
+    return msg

@@ -19,6 +19,11 @@ Deleting is the most dangerous thing pforte does, so every path here follows the
 
 Services never commit; the caller owns the transaction. Messages, attachments and conversations
 are deleted directly (their contact's key lives on); contacts and organisations are shredded.
+
+A message split into parts ("message x of y") is one logical row plus part rows pointing to it
+through ``parent_id`` (no foreign key, on purpose): :func:`_drop_message_rows`, the one place that
+drops message rows by id, always takes the parts along, and deleting a part deletes the whole
+message. Deletions by conversation or contact cover parts because parts share both.
 """
 
 from __future__ import annotations
@@ -194,22 +199,30 @@ def _iso(now: datetime) -> str:
 
 
 async def _visible_message(db: Executor, org_id: str, message_id: str) -> Any:
+    """The message (for a part: the logical message it belongs to) if the organisation may see it."""
     row = (
         await db.execute(
-            select(Message.id, Message.conversation_id, Message.contact_id)
+            select(Message.id, Message.conversation_id, Message.contact_id, Message.parent_id)
             .join(Contact, Contact.id == Message.contact_id)
             .where(Message.id == message_id, Message.org_id == org_id, Contact.erased_at.is_(None))
         )
     ).first()
     if row is None:
         raise NotFoundError("message not found")
+    if row.parent_id is not None:
+        return await _visible_message(db, org_id, row.parent_id)
     return row
+
+
+async def _part_ids(db: Executor, message_ids: list[str]) -> list[str]:
+    """The parts of split messages among the given ones."""
+    return list((await db.execute(select(Message.id).where(Message.parent_id.in_(message_ids)))).scalars())
 
 
 async def _refresh_last_message(db: Executor, conversation_id: str) -> None:
     latest = (
         select(Message.id)
-        .where(Message.conversation_id == conversation_id)
+        .where(Message.conversation_id == conversation_id, Message.parent_id.is_(None))
         .order_by(Message.created_at.desc(), Message.id.desc())
         .limit(1)
         .scalar_subquery()
@@ -219,12 +232,12 @@ async def _refresh_last_message(db: Executor, conversation_id: str) -> None:
     )
 
 
-async def _refuse_if_held(db: Executor, org_id: str, m: Any) -> None:
-    """A hold on the message, its conversation or its contact refuses the deletion, naming it."""
+async def _refuse_if_held(db: Executor, org_id: str, m: Any, part_ids: Iterable[str] = ()) -> None:
+    """A hold on the message (or a part), its conversation or its contact refuses the deletion, naming it."""
     holds = await active_holds(
         db,
         org_id=org_id,
-        message_ids=[m.id],
+        message_ids=[m.id, *part_ids],
         conversation_ids=[m.conversation_id],
         contact_ids=[m.contact_id],
     )
@@ -233,7 +246,8 @@ async def _refuse_if_held(db: Executor, org_id: str, m: Any) -> None:
 
 
 async def _drop_message_rows(db: Executor, er: Eraser, message_ids: list[str]) -> tuple[int, int]:
-    """Files first, then attachments and messages (no checks, no records); (messages, files)."""
+    """Files, then attachments, then messages with their parts (no checks, no records); (messages, files)."""
+    message_ids = list(message_ids) + await _part_ids(db, message_ids)
     blobs = (
         await db.execute(select(Attachment.blob_name).where(Attachment.message_id.in_(message_ids)))
     ).scalars()
@@ -259,17 +273,20 @@ async def delete_message(
     """Delete one message with its attachments and their files."""
     _check_reason(reason)
     m = await _visible_message(db, org_id, message_id)
-    await _refuse_if_held(db, org_id, m)
+    parts = await _part_ids(db, [m.id])
+    await _refuse_if_held(db, org_id, m, parts)
     atts = (
         await db.execute(select(Attachment.id, Attachment.blob_name).where(Attachment.message_id == m.id))
     ).all()
     er.ledger.append(
-        [Erasure("message", m.id, org_id, _iso(now))]
+        [Erasure("message", i, org_id, _iso(now)) for i in (m.id, *parts)]
         + [Erasure("attachment", a.id, org_id, _iso(now)) for a in atts]
     )
     _, files = await _drop_message_rows(db, er, [m.id])
     await _refresh_last_message(db, m.conversation_id)
     counts = {"attachments": len(atts), "files": files}
+    if parts:
+        counts["parts"] = len(parts)
     await _tombstone(
         db,
         org_id=org_id,

@@ -9,6 +9,8 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pforte.audit import service as audit
+from pforte.audit.service import Actor
 from pforte.crypto.keys import KeyService
 from pforte.crypto.models import DataKey
 from pforte.errors import ConflictError, NotFoundError, ValidationError
@@ -22,6 +24,14 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "retention_days": 180,
     # Metadata minimisation (II.3): days each class of organisation metadata is kept.
     "metadata_days": {"delivery_timestamps": 7, "webhook_metadata": 7, "job_records": 7},
+    # Privacy in the chat (I.1, Art. 9(2)(a)): staff send nothing before the patient consents.
+    "consent_required": True,
+    "notice_keywords": ["datenschutz", "privacy"],
+    "withdraw_keywords": ["stop", "stopp", "widerruf"],
+    # II.1: when on, staff may send only over channels whose encryption ends at our own server.
+    "own_server_encryption_only": False,
+    # II.2: minutes to wait for a missing "(x/y)" part of an incoming sequence before flagging the gap.
+    "incoming_parts_wait_minutes": 10,
 }
 _SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 
@@ -86,3 +96,28 @@ async def list_(*, session: AsyncSession) -> list[Organisation]:
 def setting(org: Organisation, name: str) -> Any:
     """An organisation setting with its default."""
     return (org.settings or {}).get(name, DEFAULT_SETTINGS.get(name))
+
+
+async def update_settings(
+    *, session: AsyncSession, org_id: str, changes: dict[str, Any], actor: Actor, now: datetime
+) -> Organisation:
+    """Change known settings (type-checked against the defaults) and audit before/after."""
+    org = await get(session=session, org_id=org_id)
+    before: dict[str, Any] = {}
+    for name, value in changes.items():
+        if name not in DEFAULT_SETTINGS:
+            raise ValidationError(f"unknown setting {name!r}")
+        default = DEFAULT_SETTINGS[name]
+        if isinstance(default, bool) != isinstance(value, bool) or not isinstance(value, type(default)):
+            raise ValidationError(f"setting {name!r} must be of type {type(default).__name__}")
+        before[name] = setting(org, name)
+    org.settings = {**(org.settings or {}), **changes}
+    await audit.record(
+        session,
+        org_id=org_id,
+        actor=actor,
+        action="settings.update",
+        now=now,
+        details={"before": before, "after": changes},
+    )
+    return org

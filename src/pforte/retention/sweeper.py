@@ -113,23 +113,41 @@ async def _lock_org(session: AsyncSession, org_id: str) -> None:
 
 
 async def _candidates(
-    session: AsyncSession, org_id: str, cutoff: datetime, cursor: tuple[datetime, str], limit: int
+    session: AsyncSession,
+    org_id: str,
+    cutoff: datetime,
+    cursor: tuple[datetime, str],
+    limit: int,
+    *,
+    by_clock: bool = False,
 ) -> list[Any]:
+    """The next candidates by last activity, or (``by_clock``) by a withdrawal's retention clock.
+
+    The second pass sees only conversations the first one did not: their clock is past the cutoff
+    while later activity is not (a patient who withdrew consent and wrote again).
+    """
+    ref = Conversation.retention_clock_at if by_clock else Conversation.last_activity_at
     q = (
         select(
-            Conversation.id, Conversation.contact_id, Conversation.channel_id, Conversation.last_activity_at
+            Conversation.id,
+            Conversation.contact_id,
+            Conversation.channel_id,
+            Conversation.last_activity_at,
+            Conversation.retention_clock_at,
+            ref.label("ref"),
         )
         .join(Contact, Contact.id == Conversation.contact_id)
         .where(
             Conversation.org_id == org_id,
-            Conversation.last_activity_at < cutoff,
+            ref < cutoff,
             Contact.erased_at.is_(None),
-            tuple_(Conversation.last_activity_at, Conversation.id)
-            > tuple_(literal(cursor[0]), literal(cursor[1])),
+            tuple_(ref, Conversation.id) > tuple_(literal(cursor[0]), literal(cursor[1])),
         )
-        .order_by(Conversation.last_activity_at, Conversation.id)
+        .order_by(ref, Conversation.id)
         .limit(limit)
     )
+    if by_clock:
+        q = q.where(Conversation.last_activity_at >= cutoff)
     if session.get_bind().dialect.name == "postgresql":
         q = q.with_for_update(of=Conversation)
     return list((await session.execute(q)).all())
@@ -175,6 +193,12 @@ async def _tags(session: AsyncSession, conv_ids: list[str]) -> dict[str, list[st
     return out
 
 
+def _reference_time(row: Any) -> datetime:
+    """Retention counts from the last activity, or from a withdrawal of consent if that came first."""
+    clock = getattr(row, "retention_clock_at", None)
+    return min(row.last_activity_at, clock) if clock is not None else row.last_activity_at  # type: ignore[no-any-return]
+
+
 async def _judge(
     session: AsyncSession, org_id: str, policy: Policy, rows: list[Any], now: datetime
 ) -> list[DueItem]:
@@ -190,7 +214,7 @@ async def _judge(
                 policy,
                 channel_id=r.channel_id,
                 tags=tags.get(r.id, ()),
-                last_activity_at=r.last_activity_at,
+                last_activity_at=_reference_time(r),
                 now=now,
             ),
             holds=holds.get(r.id, []),
@@ -291,11 +315,12 @@ async def _sweep_batch(
     batch: int,
     actor: Actor,
     report: SweepReport,
+    by_clock: bool = False,
 ) -> tuple[datetime, str] | None:
     """One transaction: decide a batch of candidates and delete the due ones. Returns the next cursor."""
     async with db.transaction() as session:
         await _lock_org(session, org_id)
-        rows = await _candidates(session, org_id, cutoff, cursor, batch)
+        rows = await _candidates(session, org_id, cutoff, cursor, batch, by_clock=by_clock)
         if not rows:
             return None
         items = await _judge(session, org_id, policy, rows, now)
@@ -345,7 +370,7 @@ async def _sweep_batch(
                 },
             )
         last = rows[-1]
-        return (last.last_activity_at, last.id)
+        return (last.ref, last.id)
 
 
 async def plan(session: AsyncSession, org_id: str, now: datetime, limit: int = 10_000) -> list[DueItem]:
@@ -404,9 +429,12 @@ async def sweep_org(
     if not policy.enabled or shortest is None:
         return report
     cutoff = now - timedelta(days=shortest)
-    cursor: tuple[datetime, str] | None = (EPOCH, "")
-    while cursor is not None:
-        cursor = await _sweep_batch(db, er, org_id, policy, cutoff, cursor, now, batch, actor, report)
+    for by_clock in (False, True):
+        cursor: tuple[datetime, str] | None = (EPOCH, "")
+        while cursor is not None:
+            cursor = await _sweep_batch(
+                db, er, org_id, policy, cutoff, cursor, now, batch, actor, report, by_clock=by_clock
+            )
     return report
 
 

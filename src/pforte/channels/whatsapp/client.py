@@ -37,6 +37,7 @@ from pforte.channels.base import (
 
 TEXT_MAX = 4096
 CAPTION_MAX = 1024
+INTERACTIVE_BODY_MAX = 1024
 
 RATE_LIMIT_CODES = frozenset({130429, 131056, 4, 80007, 131048})
 UNAVAILABLE_CODES = frozenset({1, 2, 131000, 131016, 131057})
@@ -274,6 +275,21 @@ def build_send_body(msg: OutboundMessage) -> dict[str, Any]:
             ]
         body["type"] = "template"
         body["template"] = template
+    elif msg.kind == "interactive":
+        if not msg.text or not 1 <= len(msg.buttons) <= 3:
+            raise InvalidRequestError("an interactive message needs a body and 1 to 3 buttons")
+        if len(msg.text) > INTERACTIVE_BODY_MAX:
+            raise InvalidRequestError(f"interactive body is longer than {INTERACTIVE_BODY_MAX} characters")
+        body["type"] = "interactive"
+        body["interactive"] = {
+            "type": "button",
+            "body": {"text": msg.text},
+            "action": {
+                "buttons": [
+                    {"type": "reply", "reply": {"id": bid, "title": title[:20]}} for bid, title in msg.buttons
+                ]
+            },
+        }
     else:
         raise InvalidRequestError("unknown message kind")
 

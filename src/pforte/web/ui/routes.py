@@ -26,6 +26,7 @@ from starlette.staticfiles import StaticFiles
 
 from pforte.bootstrap import Services
 from pforte.channels import service as channels
+from pforte.channels.kinds import STORAGE_MODES, kind_of
 from pforte.conversations import service as conv
 from pforte.errors import (
     AuthenticationError,
@@ -35,6 +36,8 @@ from pforte.errors import (
 )
 from pforte.events import LiveEvent
 from pforte.i18n import LOCALES
+from pforte.orgs import service as orgs
+from pforte.privacy import service as privacy
 from pforte.staff import service as staff
 from pforte.staff.service import CurrentUser
 from pforte.web.deps import DB, SESSION_COOKIE, check_csrf, current_user, get_services, require_role
@@ -179,7 +182,17 @@ async def _thread_context(
         conversation_id=conversation_id,
         now=services.clock.now(),
     )
-    return {"view": view, "can_send": user.role in ("admin", "staff"), "can_delete": user.role == "admin"}
+    consent = await privacy.consent_view(
+        session, org_id=user.org_id, contact_id=view.contact_id, channel_id=view.channel_id
+    )
+    return {
+        "view": view,
+        "consent": consent,
+        "composer_state": ("open" if view.window_open else "closed")
+        + (f"-{consent.block.code}" if consent.block else ""),
+        "can_send": user.role in ("admin", "staff"),
+        "can_delete": user.role == "admin",
+    }
 
 
 async def _after_send(
@@ -373,9 +386,8 @@ async def messages_partial(
             session=session, org_id=user.org_id, conversation_id=conversation_id, now=services.clock.now()
         )
     await _commit(session)
-    view = thread["view"]
-    # The composer is replaced only when the 24-hour window changed, so typed text is not lost.
-    stale = window is not None and window != ("open" if view.window_open else "closed")
+    # The composer is replaced only when the window or the consent state changed, so typed text is not lost.
+    stale = window is not None and window != thread["composer_state"]
     return render(
         request, "partials/messages.html", {**thread, "oob": True, "composer_oob": stale, "reply_to": None}
     )
@@ -391,7 +403,7 @@ async def send_text(
     """Queue a free-text reply (optionally quoting a message)."""
     await check_csrf(request, user)
     services = get_services(request)
-    text = await _form_text(request, "text")
+    text = await _form_text(request, "text", conv.TEXT_LIMIT)  # longer than a channel takes: sent in parts
     reply_to = (await _form_text(request, "reply_to_message_id", 64)).strip() or None
     try:
         await conv.send_text(
@@ -632,8 +644,21 @@ async def admin_channels(
     """Channels of the organisation with their state; admins can enter a new access token."""
     ctx = await _sidebar(session, get_services(request), user)
     chans = await channels.list_(session=session, org_id=user.org_id)
+    org = await orgs.get(session=session, org_id=user.org_id)
     await _commit(session)
-    return render(request, "pages/admin_channels.html", {**ctx, "channels": chans, "saved": saved})
+    # II.1: where each channel's encryption ends and how its provider stores content, said plainly.
+    honesty = {c.id: (kind_of(c.kind), STORAGE_MODES.get(c.storage_region)) for c in chans}
+    return render(
+        request,
+        "pages/admin_channels.html",
+        {
+            **ctx,
+            "channels": chans,
+            "saved": saved,
+            "honesty": honesty,
+            "own_server_only": orgs.setting(org, "own_server_encryption_only"),
+        },
+    )
 
 
 @router.post("/admin/channels/{channel_id}/token", name="channel_token")
