@@ -1,7 +1,8 @@
 """Imports every table so that ``Base.metadata`` is complete (for Alembic and tests)."""
 
-from pforte.audit.models import AuditEvent, AuditHead
+from pforte.audit.models import AuditCheckpoint, AuditEvent, AuditHead
 from pforte.channels.models import Channel
+from pforte.compliance.models import ComplianceReport
 from pforte.contacts.models import Contact
 from pforte.conversations.models import (
     Attachment,
@@ -11,7 +12,7 @@ from pforte.conversations.models import (
     MessageTemplate,
     PendingStatus,
 )
-from pforte.crypto.models import DataKey
+from pforte.crypto.models import DataKey, SigningKey
 from pforte.db import Base
 from pforte.deletion.models import Tombstone
 from pforte.orgs.models import Organisation
@@ -23,10 +24,12 @@ from pforte.staff.models import LoginAttempt, StaffSession, StaffUser
 
 __all__ = [
     "Attachment",
+    "AuditCheckpoint",
     "AuditEvent",
     "AuditHead",
     "Base",
     "Channel",
+    "ComplianceReport",
     "ConsentEvent",
     "Contact",
     "Conversation",
@@ -44,6 +47,7 @@ __all__ = [
     "PrivacyNotice",
     "RetentionRule",
     "SendSlot",
+    "SigningKey",
     "StaffSession",
     "StaffUser",
     "Tombstone",

@@ -49,3 +49,23 @@ class AuditHead(Base):
     chain: Mapped[str] = mapped_column(String(32), primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditCheckpoint(Base):
+    """A chain head signed with the organisation's signing key at some moment.
+
+    Whoever can write to the database can rewrite the whole chain and recompute every hash; they
+    cannot forge these signatures without the private key, which lives wrapped under the KEK.
+    """
+
+    __tablename__ = "audit_checkpoints"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    chain: Mapped[str] = mapped_column(String(32))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    head_hash: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    key_id: Mapped[str] = mapped_column(String(32))
+    signature: Mapped[str] = mapped_column(String(128))  # Ed25519, hex
+
+    __table_args__ = (UniqueConstraint("chain", "seq"),)
