@@ -78,6 +78,9 @@ def create_app(services: Services, *, manage_lifespan: bool = True) -> FastAPI:
         return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(whatsapp_router)
+    from pforte.web.ui.audit import router as audit_router
+    from pforte.web.ui.compliance import router as compliance_router
+    from pforte.web.ui.exports import router as exports_router
     from pforte.web.ui.lifecycle import router as lifecycle_router
     from pforte.web.ui.privacy import router as privacy_router
     from pforte.web.ui.routes import router as ui_router
@@ -87,5 +90,8 @@ def create_app(services: Services, *, manage_lifespan: bool = True) -> FastAPI:
     app.include_router(lifecycle_router)
     app.include_router(privacy_router)
     app.include_router(settings_router)
+    app.include_router(audit_router)
+    app.include_router(exports_router)
+    app.include_router(compliance_router)
     app.add_middleware(SecurityHeaders)
     return app

@@ -13,12 +13,15 @@ from typing import Any
 import typer
 
 from pforte import clikit, logs, migrate
+from pforte.audit.cli import audit_app
 from pforte.backup.cli import backup_app
+from pforte.compliance.cli import compliance_app
 from pforte.config import load_settings
 from pforte.contacts.cli import contact_app
 from pforte.crypto.cli import keys_app
 from pforte.deletion.cli import delete_app
 from pforte.errors import PforteError
+from pforte.exports.cli import export_app, verify_export
 from pforte.retention.cli import retention_app
 
 app = typer.Typer(
@@ -35,6 +38,10 @@ app.add_typer(delete_app, name="delete")
 app.add_typer(retention_app, name="retention")
 app.add_typer(backup_app, name="backup")
 app.add_typer(keys_app, name="keys")
+app.add_typer(audit_app, name="audit")
+app.add_typer(export_app, name="export")
+app.add_typer(compliance_app, name="compliance")
+app.command("verify-export")(verify_export)
 
 _fail = clikit.fail
 _settings = clikit.settings
