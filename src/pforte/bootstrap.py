@@ -101,7 +101,7 @@ def build_services(
     http = httpx.AsyncClient(transport=graph_transport, timeout=settings.graph_timeout_seconds)
     ingest = IngestWriter(
         db=db,
-        ingestor=Ingestor(keys=keys, clock=clock),
+        ingestor=Ingestor(keys=keys, clock=clock, audit_receipts=settings.audit_receipts),
         bus=bus,
         metrics=metrics,
         window_ms=settings.group_commit_window_ms,

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     upload_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     group_commit_window_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
     group_commit_max_updates: int = Field(default=2000, ge=1)
+    audit_receipts: bool = Field(
+        default=True,
+        description="one audit entry per organisation and ingest transaction with what arrived (counts)",
+    )
     dek_cache_seconds: float = Field(default=300.0, ge=0.0)
     dek_cache_size: int = Field(default=10_000, ge=1)
     outbox_poll_seconds: float = Field(default=0.5, gt=0.0)

@@ -29,6 +29,8 @@ from typing import Any
 from sqlalchemy import and_, bindparam, case, func, insert, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from pforte.audit import service as audit
+from pforte.audit.service import SYSTEM
 from pforte.channels.base import MEDIA_TYPES, InboundBatch, InboundMessage, StatusUpdate
 from pforte.channels.service import ChannelRuntime
 from pforte.clock import Clock
@@ -87,9 +89,10 @@ class _OrgKeys:
 class Ingestor:
     """Writes a group of batches in one transaction (no commit here: the writer owns it)."""
 
-    def __init__(self, *, keys: KeyService, clock: Clock) -> None:
+    def __init__(self, *, keys: KeyService, clock: Clock, audit_receipts: bool = True) -> None:
         self.keys = keys
         self.clock = clock
+        self.audit_receipts = audit_receipts
         self._org_keys: dict[str, _OrgKeys] = {}
         self._privacy_state: dict[str, tuple[str, int | None]] = {}  # contact -> (consent, notice sent)
 
@@ -144,7 +147,34 @@ class Ingestor:
         statuses = [(it, s) for it in items for s in it.batch.statuses]
         if statuses:
             await self._write_statuses(conn, dialect, statuses, now, events)
+        if self.audit_receipts:
+            await self._audit_receipts(conn, items, now)
         return [LiveEvent(org_id=o, type="conversation", conversation_id=c) for o, c in sorted(events)]
+
+    async def _audit_receipts(self, conn: AsyncConnection, items: list[_Item], now: datetime) -> None:
+        """One audit entry per organisation for what this transaction stored (DSK II.2: what arrived
+        and when, as counts; the messages themselves carry their own hashes). Last in the
+        transaction, so the chain's head stays locked only for the commit."""
+        per_org: dict[str, dict[str, Any]] = {}
+        for it in items:
+            r = it.result
+            if not (r.accepted or r.statuses_applied or r.statuses_pending):
+                continue
+            acc = per_org.setdefault(
+                it.channel.org_id,
+                {"channels": set(), "messages": 0, "duplicates": 0, "statuses": 0, "statuses_pending": 0},
+            )
+            acc["channels"].add(it.channel.id)
+            acc["messages"] += r.accepted
+            acc["duplicates"] += r.duplicates
+            acc["statuses"] += r.statuses_applied
+            acc["statuses_pending"] += r.statuses_pending
+        for org_id in sorted(per_org):
+            details = per_org[org_id]
+            details["channels"] = sorted(details["channels"])
+            await audit.record(
+                conn, org_id=org_id, actor=SYSTEM, action="webhook.received", now=now, details=details
+            )
 
     async def _resolve_contacts(
         self, conn: AsyncConnection, dialect: str, org_id: str, msgs: list[InboundMessage], now: datetime
