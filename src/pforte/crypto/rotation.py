@@ -5,6 +5,11 @@ a KEK while one DEK is still wrapped under it shreds that contact's data for goo
 by accident, and no backup helps. Everything here exists so that retiring can only ever destroy a
 KEK that nothing needs.
 
+Signing keys (``signing_keys.private_wrapped``, crypto/signing.py) are wrapped under the same KEK
+and get exactly the same treatment: re-wrapped with the same compare-and-set, a revoked key (private
+half NULL) moved like a destroyed data key, and counted by ``references``. Below, "data key" stands
+for both unless it says otherwise.
+
 Invariants.
 
 1. A KEK is in the key ring (written and fsynced) before any row names it: ``rotate`` creates the
@@ -49,17 +54,18 @@ copy of the ring from its own time.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import Column, Table, bindparam, func, select, union, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pforte.audit import service as audit
 from pforte.audit.models import AuditEvent
 from pforte.crypto.keys import KeyService
-from pforte.crypto.models import DataKey
+from pforte.crypto.models import DataKey, SigningKey
 from pforte.db import Database, table_of
 from pforte.errors import ConflictError, CryptoError, NotFoundError
 from pforte.orgs.models import Organisation
@@ -67,8 +73,23 @@ from pforte.orgs.models import Organisation
 log = logging.getLogger("pforte.keys")
 
 DK = table_of(DataKey)
+SK = table_of(SigningKey)
 ORG = table_of(Organisation)
 AE = table_of(AuditEvent)
+
+
+@dataclass(frozen=True)
+class _Wrapped:
+    """A table of keys wrapped under a KEK, whose wrapped column is NULL once the key is destroyed."""
+
+    noun: str
+    table: Table
+    wrapped: Column[Any]
+
+
+DATA_KEYS = _Wrapped("data key", DK, DK.c.wrapped)
+SIGNING_KEYS = _Wrapped("signing key", SK, SK.c.private_wrapped)
+WRAPPED = (DATA_KEYS, SIGNING_KEYS)
 
 BATCH = 500
 MAX_ROUNDS = 20
@@ -78,10 +99,21 @@ MAX_ROUNDS = 20
 class Rewrap:
     """What re-wrapping one organisation's keys did."""
 
-    rewrapped: int = 0  # live keys now wrapped under the current KEK
-    moved_destroyed: int = 0  # destroyed keys whose kek_id now names the current KEK
+    rewrapped: int = 0  # live data keys now wrapped under the current KEK
+    moved_destroyed: int = 0  # destroyed data keys whose kek_id now names the current KEK
     rounds: int = 0
     previous: set[str] = field(default_factory=set)  # KEKs keys were moved off
+    signing_rewrapped: int = 0  # signing keys' private halves now wrapped under the current KEK
+    signing_moved_revoked: int = 0  # revoked signing keys whose kek_id now names the current KEK
+
+    def count(self, kind: _Wrapped, live: int, dead: int) -> None:
+        """Add one batch's moves to the counters of its kind of key."""
+        if kind is SIGNING_KEYS:
+            self.signing_rewrapped += live
+            self.signing_moved_revoked += dead
+        else:
+            self.rewrapped += live
+            self.moved_destroyed += dead
 
 
 @dataclass
@@ -95,6 +127,8 @@ class Rotation:
     moved_destroyed: int
     rounds: int
     retired: list[str] = field(default_factory=list)
+    signing_rewrapped: int = 0
+    signing_moved_revoked: int = 0
 
 
 class _Switched(Exception):
@@ -157,13 +191,13 @@ async def rewrap(
     while True:
         async with db.engine.connect() as conn:
             current = await _current_kek(conn, org_id)
-            olds = sorted(
-                (
-                    await conn.execute(
-                        select(DK.c.kek_id).where(DK.c.org_id == org_id, DK.c.kek_id != current).distinct()
-                    )
-                ).scalars()
+            elsewhere = union(
+                *(
+                    select(k.table.c.kek_id).where(k.table.c.org_id == org_id, k.table.c.kek_id != current)
+                    for k in WRAPPED
+                )
             )
+            olds = sorted(set((await conn.execute(elsewhere)).scalars()))
         if not olds:
             return out
         out.rounds += 1
@@ -183,31 +217,42 @@ async def rewrap(
 async def _rewrap_kek(
     db: Database, keys: KeyService, org_id: str, old: str, new: str, batch: int, out: Rewrap
 ) -> None:
-    """One pass over the keys under ``old`` in id order; a key that changed under us waits for the next.
+    """One pass over the keys under ``old`` in id order (data keys, then signing keys); a key that
+    changed under us waits for the next pass.
 
     Keyset pagination: each batch reads only keys after the last one seen, so a pass stays linear.
     """
-    after = ""
-    while True:
-        last = await _rewrap_batch(db, keys, org_id, old, new, batch, after, out)
-        if last is None:
-            return
-        after = last
+    for kind in WRAPPED:
+        after = ""
+        while True:
+            last = await _rewrap_batch(db, keys, kind, org_id, old, new, batch, after, out)
+            if last is None:
+                break
+            after = last
 
 
 async def _rewrap_batch(
-    db: Database, keys: KeyService, org_id: str, old: str, new: str, batch: int, after: str, out: Rewrap
+    db: Database,
+    keys: KeyService,
+    kind: _Wrapped,
+    org_id: str,
+    old: str,
+    new: str,
+    batch: int,
+    after: str,
+    out: Rewrap,
 ) -> str | None:
-    """One transaction: re-wrap up to ``batch`` keys under ``old`` with ids after ``after``.
+    """One transaction: re-wrap up to ``batch`` keys of one kind under ``old`` with ids after ``after``.
 
     Returns the last id looked at, or None when there are none left.
     """
+    t, wrapped = kind.table, kind.wrapped
     async with db.engine.begin() as conn:
         rows = (
             await conn.execute(
-                select(DK.c.id, DK.c.wrapped)
-                .where(DK.c.org_id == org_id, DK.c.kek_id == old, DK.c.id > after)
-                .order_by(DK.c.id)
+                select(t.c.id, wrapped.label("wrapped"))
+                .where(t.c.org_id == org_id, t.c.kek_id == old, t.c.id > after)
+                .order_by(t.c.id)
                 .limit(batch)
             )
         ).all()
@@ -223,20 +268,20 @@ async def _rewrap_batch(
                 key = keys.unwrap(kek_id=old, wrapped=r.wrapped)
             except CryptoError as exc:
                 raise CryptoError(
-                    f"data key {r.id} cannot be unwrapped ({exc.message}); rotation stopped"
+                    f"{kind.noun} {r.id} cannot be unwrapped ({exc.message}); rotation stopped"
                 ) from None
             live.append({"k_id": r.id, "k_seen": r.wrapped, "k_wrapped": keys.wrap(kek_id=new, key=key)})
         if live:
             await conn.execute(
-                update(DK)
-                .where(DK.c.id == bindparam("k_id"), DK.c.kek_id == old, DK.c.wrapped == bindparam("k_seen"))
-                .values(kek_id=new, wrapped=bindparam("k_wrapped")),
+                update(t)
+                .where(t.c.id == bindparam("k_id"), t.c.kek_id == old, wrapped == bindparam("k_seen"))
+                .values({t.c.kek_id: new, wrapped: bindparam("k_wrapped")}),
                 live,
             )
         if dead:
             await conn.execute(
-                update(DK)
-                .where(DK.c.id == bindparam("k_id"), DK.c.kek_id == old, DK.c.wrapped.is_(None))
+                update(t)
+                .where(t.c.id == bindparam("k_id"), t.c.kek_id == old, wrapped.is_(None))
                 .values(kek_id=new),
                 dead,
             )
@@ -244,13 +289,14 @@ async def _rewrap_batch(
             raise _Switched  # rolls this batch back: its keys must go to the newer KEK
         left = set(
             (
-                await conn.execute(
-                    select(DK.c.id).where(DK.c.id.in_([r.id for r in rows]), DK.c.kek_id == old)
-                )
+                await conn.execute(select(t.c.id).where(t.c.id.in_([r.id for r in rows]), t.c.kek_id == old))
             ).scalars()
         )
-    out.rewrapped += sum(1 for k in live if k["k_id"] not in left)
-    out.moved_destroyed += sum(1 for k in dead if k["k_id"] not in left)
+    out.count(
+        kind,
+        live=sum(1 for k in live if k["k_id"] not in left),
+        dead=sum(1 for k in dead if k["k_id"] not in left),
+    )
     return str(rows[-1].id)
 
 
@@ -261,20 +307,27 @@ class References:
     organisations: int
     live_keys: int
     destroyed_keys: int
+    signing_keys: int = 0  # live and revoked: a revoked one names the KEK until it is moved, too
 
     @property
     def total(self) -> int:
         """Every reference; a KEK may be retired only at zero."""
-        return self.organisations + self.live_keys + self.destroyed_keys
+        return self.organisations + self.live_keys + self.destroyed_keys + self.signing_keys
 
 
 async def references(conn: AsyncConnection, kek_id: str) -> References:
-    """Count the organisations and data keys (live, destroyed) that name a KEK."""
+    """Count the organisations, data keys (live, destroyed) and signing keys that name a KEK."""
     orgs = (await conn.execute(select(func.count()).select_from(ORG).where(ORG.c.kek_id == kek_id))).scalar()
     total, live = (
         await conn.execute(select(func.count(), func.count(DK.c.wrapped)).where(DK.c.kek_id == kek_id))
     ).one()
-    return References(organisations=int(orgs or 0), live_keys=int(live), destroyed_keys=int(total - live))
+    signing = (await conn.execute(select(func.count()).select_from(SK).where(SK.c.kek_id == kek_id))).scalar()
+    return References(
+        organisations=int(orgs or 0),
+        live_keys=int(live),
+        destroyed_keys=int(total - live),
+        signing_keys=int(signing or 0),
+    )
 
 
 async def retire(
@@ -300,7 +353,8 @@ async def retire(
         if refs.total:
             raise ConflictError(
                 f"KEK {kek_id} is still referenced by {refs.organisations} organisation(s), "
-                f"{refs.live_keys} live and {refs.destroyed_keys} destroyed data key(s); not retired"
+                f"{refs.live_keys} live and {refs.destroyed_keys} destroyed data key(s) and "
+                f"{refs.signing_keys} signing key(s); not retired"
             )
         chain = (
             org_id
@@ -351,6 +405,8 @@ async def rotate(
         rewrapped=moved.rewrapped,
         moved_destroyed=moved.moved_destroyed,
         rounds=moved.rounds,
+        signing_rewrapped=moved.signing_rewrapped,
+        signing_moved_revoked=moved.signing_moved_revoked,
     )
     if retire_old:
         # Every KEK this organisation rotated away from, an earlier interrupted rotation's included.
@@ -387,11 +443,12 @@ class OrgKeys:
     data_keys: dict[str, dict[str, int]]  # kek id -> {"live": n, "destroyed": m}
     oldest_live_key_at: datetime | None
     oldest_live_key_age_seconds: float | None
+    signing_keys: dict[str, dict[str, int]] = field(default_factory=dict)  # kek id -> {"live", "revoked"}
 
     @property
     def rotation_pending(self) -> bool:
-        """Some data key is not under the current KEK (a rotation is unfinished)."""
-        return any(k != self.kek_id for k in self.data_keys)
+        """Some data or signing key is not under the current KEK (a rotation is unfinished)."""
+        return any(k != self.kek_id for k in [*self.data_keys, *self.signing_keys])
 
 
 @dataclass
@@ -419,12 +476,18 @@ def summarise(
     oldest: dict[str, datetime],
     ring: dict[str, dict[str, Any]],
     now: datetime,
+    signing: Sequence[tuple[str, str, int, int]] = (),
 ) -> KeyStatus:
-    """Pure: organisations (id, slug, kek), key counts (org, kek, total, live), ring metadata -> status."""
+    """Pure: organisations (id, slug, kek), key counts (org, kek, total, live) of data keys and of
+    signing keys, ring metadata -> status."""
     per_org: dict[str, dict[str, dict[str, int]]] = {}
+    signing_per_org: dict[str, dict[str, dict[str, int]]] = {}
     named: set[str] = set()
     for org_id, kek_id, total, live in counts:
         per_org.setdefault(org_id, {})[kek_id] = {"live": live, "destroyed": total - live}
+        named.add(kek_id)
+    for org_id, kek_id, total, live in signing:
+        signing_per_org.setdefault(org_id, {})[kek_id] = {"live": live, "revoked": total - live}
         named.add(kek_id)
     out = []
     for org_id, slug, kek_id in orgs:
@@ -441,6 +504,7 @@ def summarise(
                 data_keys=dict(sorted(per_org.get(org_id, {}).items())),
                 oldest_live_key_at=first,
                 oldest_live_key_age_seconds=_age(first, now),
+                signing_keys=dict(sorted(signing_per_org.get(org_id, {}).items())),
             )
         )
     retirable = [
@@ -463,6 +527,14 @@ async def status(*, db: Database, keys: KeyService, now: datetime) -> KeyStatus:
                 )
             )
         ]
+        signing = [
+            (r[0], r[1], int(r[2]), int(r[3]))
+            for r in await conn.execute(
+                select(SK.c.org_id, SK.c.kek_id, func.count(), func.count(SK.c.private_wrapped)).group_by(
+                    SK.c.org_id, SK.c.kek_id
+                )
+            )
+        ]
         oldest = {
             r[0]: r[1]
             for r in await conn.execute(
@@ -472,4 +544,6 @@ async def status(*, db: Database, keys: KeyService, now: datetime) -> KeyStatus:
             )
         }
     orgs.sort(key=lambda o: o[1])
-    return summarise(orgs=orgs, counts=counts, oldest=oldest, ring=keys.provider.list_keks(), now=now)
+    return summarise(
+        orgs=orgs, counts=counts, oldest=oldest, ring=keys.provider.list_keks(), now=now, signing=signing
+    )

@@ -12,6 +12,10 @@ an unknown key, one that does not verify, one dated outside the key's validity, 
 after the key's revocation, and says which. A compromised key could be used to forge a signature
 dated before its revocation; that is why checkpoints also sit in the hash chain's order and why a
 compromise should be followed by a new checkpoint under a fresh key (see docs/signing-keys.md).
+
+A private key is made under the organisation's current KEK and, like a data key, fenced against a
+KEK rotation that commits meanwhile (see crypto/rotation.py, invariant 2); rotation re-wraps signing
+keys together with data keys.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ from pforte.crypto.models import SigningKey
 from pforte.db import new_id, table_of
 from pforte.errors import ConflictError, NotFoundError, ValidationError
 from pforte.orgs.models import Organisation
+from pforte.staff.models import StaffUser
 
 Executor = AsyncSession | AsyncConnection
 SK = table_of(SigningKey)
 ORG = table_of(Organisation)
+STAFF = table_of(StaffUser)
 
 DEFAULT_VALID_DAYS = 730
 MAX_VALID_DAYS = 3650
@@ -121,18 +127,40 @@ def load_private_pem(pem: bytes, password: bytes | None = None) -> Ed25519Privat
             key = serialization.load_ssh_private_key(pem, password=password)
         else:
             key = serialization.load_pem_private_key(pem, password=password)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
-        raise ValidationError(f"not a readable private key ({type(err).__name__})", code="bad_key") from None
+    except TypeError:
+        hint = "it is encrypted: give its password" if password is None else "it is not encrypted"
+        raise ValidationError(f"the private key cannot be read ({hint})", code="bad_key") from None
+    except UnsupportedAlgorithm:
+        raise ValidationError(
+            "this private key format is not supported (an encrypted OpenSSH key: remove its passphrase "
+            "on a copy with ssh-keygen -p, or export it as PKCS#8)",
+            code="bad_key",
+        ) from None
+    except ValueError:
+        hint = "" if password is None else ", or the password is wrong"
+        raise ValidationError(f"not a PEM or OpenSSH private key{hint}", code="bad_key") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise ValidationError("only Ed25519 keys can be imported", code="bad_key_type")
     return key
 
 
-async def _kek_of(db: Executor, org_id: str) -> str:
-    kek = (await db.execute(select(ORG.c.kek_id).where(ORG.c.id == org_id))).scalar_one_or_none()
+async def _kek_of(db: Executor, org_id: str, *, lock: bool = False) -> str:
+    q = select(ORG.c.kek_id).where(ORG.c.id == org_id)
+    kek = (await db.execute(q.with_for_update(read=True) if lock else q)).scalar_one_or_none()
     if kek is None:
         raise NotFoundError("organisation not found")
     return str(kek)
+
+
+async def _check_owner(db: Executor, org_id: str, owner_id: str) -> None:
+    """A key is bound to a person (DSK I.5): an active admin of the same organisation."""
+    row = (
+        await db.execute(select(STAFF.c.org_id, STAFF.c.role, STAFF.c.active).where(STAFF.c.id == owner_id))
+    ).first()
+    if row is None or row.org_id != org_id:
+        raise NotFoundError("the owner is not a staff account of this organisation", code="owner_not_found")
+    if row.role != "admin" or not row.active:
+        raise ValidationError("the owner of a signing key must be an active admin", code="owner_not_admin")
 
 
 def _validity(valid_days: int) -> timedelta:
@@ -155,6 +183,7 @@ async def _store(
 ) -> KeyInfo:
     span = _validity(valid_days)
     kek_id = await _kek_of(db, org_id)
+    await _check_owner(db, org_id, owner_id)
     public = _public_raw(private)
     fp = fingerprint_of(public)
     clash = (await db.execute(select(SK.c.id).where(SK.c.org_id == org_id, SK.c.fingerprint == fp))).first()
@@ -178,6 +207,16 @@ async def _store(
         "revoked_reason": None,
     }
     await db.execute(SK.insert().values(**row))
+    # The KEK fence (crypto/rotation.py, invariant 2): now that the row exists, hold the organisation
+    # row FOR SHARE (SQLite: this transaction holds the write lock); a switch that committed since the
+    # KEK was read is seen here, and the private key goes under the new KEK before commit.
+    current = await _kek_of(db, org_id, lock=True)
+    if current != kek_id:
+        await db.execute(
+            update(SK)
+            .where(SK.c.id == row["id"])
+            .values(kek_id=current, private_wrapped=keys.wrap(kek_id=current, key=_private_raw(private)))
+        )
     await audit.record(
         db,
         org_id=org_id,
@@ -244,6 +283,12 @@ async def import_key(
     )
 
 
+async def lookup(db: Executor, key_id: str) -> KeyInfo | None:
+    """Any organisation's key by id, or None: for checking signatures, never for signing."""
+    row = (await db.execute(select(SK).where(SK.c.id == key_id))).first()
+    return _info(row) if row is not None else None
+
+
 async def get(db: Executor, org_id: str, key_id: str) -> KeyInfo:
     """One key of an organisation (NotFoundError for another organisation's key)."""
     row = (await db.execute(select(SK).where(SK.c.id == key_id, SK.c.org_id == org_id))).first()
@@ -270,11 +315,13 @@ async def revoke(
     key = await get(db, org_id, key_id)
     if key.revoked_at is not None:
         raise ConflictError("this key is already revoked", code="already_revoked")
-    await db.execute(
+    done = await db.execute(
         update(SK)
         .where(SK.c.id == key_id, SK.c.revoked_at.is_(None))
         .values(revoked_at=now, revoked_by=actor.id, revoked_reason=reason, private_wrapped=None)
     )
+    if done.rowcount != 1:  # type: ignore[attr-defined]  # revoked by someone else meanwhile
+        raise ConflictError("this key is already revoked", code="already_revoked")
     await audit.record(
         db,
         org_id=org_id,
@@ -304,6 +351,8 @@ async def sign(db: Executor, keys: KeyService, *, org_id: str, data: bytes, now:
             "the organisation has no active signing key (pforte keys signing create)", code="no_signing_key"
         )
     row = (await db.execute(select(SK.c.kek_id, SK.c.private_wrapped).where(SK.c.id == key.id))).one()
+    if row.private_wrapped is None:  # revoked between the two reads
+        raise ConflictError("the signing key was revoked just now", code="no_signing_key")
     raw = keys.unwrap(kek_id=row.kek_id, wrapped=row.private_wrapped)
     signature = Ed25519PrivateKey.from_private_bytes(raw).sign(data)
     return Signature(
@@ -355,5 +404,4 @@ async def check(
     db: Executor, *, key_id: str, data: bytes, signature_hex: str, signed_at: datetime
 ) -> Verdict:
     """Judge a signature against this instance's key registry (any organisation's key by id)."""
-    row = (await db.execute(select(SK).where(SK.c.id == key_id))).first()
-    return judge(_info(row) if row is not None else None, data, signature_hex, signed_at)
+    return judge(await lookup(db, key_id), data, signature_hex, signed_at)
