@@ -29,6 +29,7 @@ ADMIN_PAGES = [
     "/admin/channels",
     "/admin/privacy-notice",
     "/privacy",
+    "/audit",
 ]
 
 

@@ -16,6 +16,8 @@ from typing import Any
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pforte.audit import service as audit
+from pforte.audit.service import SYSTEM, Actor
 from pforte.channels.models import Channel
 from pforte.contacts.models import Contact
 from pforte.conversations import parts as parts_policy
@@ -577,6 +579,20 @@ async def _new_outgoing(
     conv.last_activity_at = now
     conv.last_message_id = mid
     await session.flush()
+    # Who sent what, in the send's transaction: a staff member, or pforte itself (no user).
+    sent: dict[str, Any] = {"conversation_id": conv.id, "type": type_}
+    if split:
+        sent["parts"] = len(chunks)
+    await audit.record(
+        session,
+        org_id=org_id,
+        actor=Actor.staff(user_id) if user_id else SYSTEM,
+        action="message.send",
+        now=now,
+        object_kind="message",
+        object_id=mid,
+        details=sent,
+    )
     for row in sendable:  # each part is sent exactly like a single text
         await outbox.enqueue(
             session=session,
@@ -770,6 +786,47 @@ async def read_attachment(
         data,
         a.mime_type or "application/octet-stream",
         cipher.open_text(a.filename_enc, "attachments", "filename", a.id),
+    )
+
+
+async def record_opened(
+    *, session: AsyncSession, org_id: str, conversation_id: str, contact_id: str, actor: Actor, now: datetime
+) -> None:
+    """Audit that someone opened a conversation (who saw what, DSK I.11); ids only."""
+    await audit.record(
+        session,
+        org_id=org_id,
+        actor=actor,
+        action="conversation.open",
+        now=now,
+        object_kind="conversation",
+        object_id=conversation_id,
+        details={"contact_id": contact_id},
+    )
+
+
+async def record_attachment_opened(
+    *, session: AsyncSession, org_id: str, attachment_id: str, disposition: str, actor: Actor, now: datetime
+) -> None:
+    """Audit that someone fetched an attachment's bytes, shown in the page or downloaded."""
+    row = (
+        await session.execute(
+            select(Message.id, Message.conversation_id)
+            .join(Attachment, Attachment.message_id == Message.id)
+            .where(Attachment.id == attachment_id, Attachment.org_id == org_id)
+        )
+    ).first()
+    if row is None:
+        raise NotFoundError("attachment not available")
+    await audit.record(
+        session,
+        org_id=org_id,
+        actor=actor,
+        action="attachment.open",
+        now=now,
+        object_kind="attachment",
+        object_id=attachment_id,
+        details={"message_id": row[0], "conversation_id": row[1], "disposition": disposition},
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -72,6 +73,16 @@ async def get_by_email(*, session: AsyncSession, email: str) -> StaffUser | None
     """A staff account by e-mail (case-insensitive)."""
     q = select(StaffUser).where(StaffUser.email == email.strip().lower())
     return (await session.execute(q)).scalar_one_or_none()
+
+
+async def list_(*, session: AsyncSession, org_id: str, ids: Collection[str] | None = None) -> list[StaffUser]:
+    """An organisation's staff accounts (only those with the given ids, if given), by e-mail."""
+    q = select(StaffUser).where(StaffUser.org_id == org_id).order_by(StaffUser.email)
+    if ids is not None:
+        if not ids:
+            return []
+        q = q.where(StaffUser.id.in_(list(ids)))
+    return list((await session.execute(q)).scalars())
 
 
 MAX_FAILED_LOGINS = 5

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.datastructures import UploadFile
 from starlette.staticfiles import StaticFiles
 
+from pforte.audit.service import Actor
 from pforte.bootstrap import Services
 from pforte.channels import service as channels
 from pforte.channels.kinds import STORAGE_MODES, kind_of
@@ -40,7 +41,15 @@ from pforte.orgs import service as orgs
 from pforte.privacy import service as privacy
 from pforte.staff import service as staff
 from pforte.staff.service import CurrentUser
-from pforte.web.deps import DB, SESSION_COOKIE, check_csrf, current_user, get_services, require_role
+from pforte.web.deps import (
+    BACKGROUND_HEADER,
+    DB,
+    SESSION_COOKIE,
+    check_csrf,
+    current_user,
+    get_services,
+    require_role,
+)
 from pforte.web.ui import sse
 from pforte.web.ui.render import render, templates
 
@@ -349,9 +358,20 @@ async def conversation_page(
     user: CurrentUser = Depends(current_user),
     session: AsyncSession = DB,
 ) -> Response:
-    """One conversation; opening it clears its unread count (auditors' reading changes nothing)."""
+    """One conversation; opening it clears its unread count (auditors' reading changes nothing).
+
+    Every opening is audited, the auditor's too (who saw what, DSK I.11).
+    """
     services = get_services(request)
     thread = await _thread_context(session, services, user, conversation_id)
+    await conv.record_opened(
+        session=session,
+        org_id=user.org_id,
+        conversation_id=conversation_id,
+        contact_id=thread["view"].contact_id,
+        actor=Actor.staff(user.id),
+        now=services.clock.now(),
+    )
     if user.role != "auditor":
         await conv.mark_seen(
             session=session, org_id=user.org_id, conversation_id=conversation_id, now=services.clock.now()
@@ -378,9 +398,22 @@ async def messages_partial(
     user: CurrentUser = Depends(current_user),
     session: AsyncSession = DB,
 ) -> Response:
-    """The messages of a conversation (live refresh); ``seen=1`` when the staff member is looking."""
+    """The messages of a conversation (live refresh); ``seen=1`` when the staff member is looking.
+
+    A live refresh (app.js marks it with the background header) shows what the open page already
+    showed and is not audited; fetched any other way, the thread counts as opened.
+    """
     services = get_services(request)
     thread = await _thread_context(session, services, user, conversation_id)
+    if request.headers.get(BACKGROUND_HEADER) != "1":
+        await conv.record_opened(
+            session=session,
+            org_id=user.org_id,
+            conversation_id=conversation_id,
+            contact_id=thread["view"].contact_id,
+            actor=Actor.staff(user.id),
+            now=services.clock.now(),
+        )
     if seen and user.role != "auditor":
         await conv.mark_seen(
             session=session, org_id=user.org_id, conversation_id=conversation_id, now=services.clock.now()
@@ -554,7 +587,7 @@ async def attachment(
     user: CurrentUser = Depends(current_user),
     session: AsyncSession = DB,
 ) -> Response:
-    """A stored attachment, decrypted, never cached by the browser."""
+    """A stored attachment, decrypted, never cached by the browser; every fetch is audited."""
     services = get_services(request)
     data, mime, filename = await conv.read_attachment(
         session=session,
@@ -563,9 +596,17 @@ async def attachment(
         org_id=user.org_id,
         attachment_id=attachment_id,
     )
-    await _commit(session)
     base = mime.split(";")[0].strip().lower()
     kind = "inline" if base in INLINE_TYPES and not download else "attachment"
+    await conv.record_attachment_opened(
+        session=session,
+        org_id=user.org_id,
+        attachment_id=attachment_id,
+        disposition="inline" if kind == "inline" else "download",
+        actor=Actor.staff(user.id),
+        now=services.clock.now(),
+    )
+    await _commit(session)
     return Response(
         data,
         media_type=mime,
@@ -594,7 +635,6 @@ async def contact_export(
     """
     from fastapi.responses import StreamingResponse
 
-    from pforte.audit.service import Actor
     from pforte.contacts import export as subject_export
     from pforte.contacts import service as contacts
     from pforte.web.ui.render import language
