@@ -216,6 +216,7 @@ def _sse_reader(client: httpx.Client, seen: list[str], stop: threading.Event) ->
                 return
 
 
+@pytest.mark.dsk("IV.5")
 async def test_two_processes_share_one_database_correctly(stack):
     # Live events: a browser on process B sees a webhook that arrived at process A.
     b = stack.login("b")

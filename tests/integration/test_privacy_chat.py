@@ -124,6 +124,7 @@ async def _staff_blocked(world) -> str:
     return err.value.code
 
 
+@pytest.mark.dsk("I.1")
 async def test_first_contact_gets_notice_and_consent_request_and_staff_wait_for_consent(world):
     """[I.1] notice as the first reply; [Art. 9(2)(a)] no staff message before explicit consent."""
     await _privacy_on(world)
@@ -247,6 +248,7 @@ async def test_plain_text_yes_and_no_count_while_a_request_is_open(world):
     assert (await _ledger(world))[-1].via == "text"
 
 
+@pytest.mark.dsk("I.1")
 async def test_the_notice_keyword_sends_the_notice_again(world):
     await _privacy_on(world)
     await _writes(world, "Hallo")
@@ -258,6 +260,7 @@ async def test_the_notice_keyword_sends_the_notice_again(world):
     assert (await _contact(world)).consent_state == "given"  # asking for the notice changes nothing else
 
 
+@pytest.mark.dsk("I.1")
 async def test_a_new_notice_version_is_sent_with_the_next_message(world):
     await _privacy_on(world)
     await _writes(world, "Hallo")
@@ -283,6 +286,7 @@ async def test_a_new_organisation_requires_consent_even_before_a_notice_is_publi
     assert await _staff_blocked(world) == "consent_pending"
 
 
+@pytest.mark.dsk("II.1")
 async def test_own_server_only_blocks_whatsapp_with_the_reason(world):
     """[II.1] an organisation can refuse channels whose encryption ends at the provider."""
     async with world.services.db.transaction() as s:

@@ -61,6 +61,7 @@ async def _objects_of_org_one(world) -> dict[str, str]:
     }
 
 
+@pytest.mark.dsk("IV.2")
 async def test_another_organisations_admin_gets_404_on_every_object_route(world):
     ids = await _objects_of_org_one(world)
     await world.add_other_org("admin@andere.test", role="admin")
@@ -99,6 +100,7 @@ async def test_another_organisations_admin_gets_404_on_every_object_route(world)
 
 
 @pytest.mark.parametrize("path", ["/", "/partials/conversations"])
+@pytest.mark.dsk("IV.2")
 async def test_lists_show_nothing_of_another_organisation(world, path):
     await _objects_of_org_one(world)
     await world.add_other_org("staff@andere.test", role="staff")

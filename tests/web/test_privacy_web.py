@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import func, select
 from tests.conftest import PNID
 from tests.web.test_inbox import HTML, csrf_of, first_conversation_id, htmx, patient_writes
@@ -30,6 +31,7 @@ async def _publish(world, de: str, en: str) -> None:
         )
 
 
+@pytest.mark.dsk("I.1")
 async def test_the_public_notice_needs_no_login_and_keeps_every_version(world):
     """[I.1] reachable at any time at a public address, in German and English."""
     assert (await world.client.get("/privacy/klinikum", headers=HTML)).status_code == 404
@@ -47,6 +49,7 @@ async def test_the_public_notice_needs_no_login_and_keeps_every_version(world):
     assert (await world.client.get("/privacy/klinikum?version=9", headers=HTML)).status_code == 404
 
 
+@pytest.mark.dsk("I.1")
 async def test_every_staff_page_links_to_the_notice(world):
     await _publish(world, "Hinweis.", "Notice.")
     await _as(world, world.staff_email)
@@ -132,6 +135,7 @@ async def test_the_conversation_shows_consent_and_the_composer_says_why_it_is_bl
     assert "Einwilligung erteilt" in page.text and 'name="text"' in page.text
 
 
+@pytest.mark.dsk("II.1")
 async def test_the_channels_page_says_where_encryption_ends(world):
     """[II.1] the WhatsApp Cloud API ends encryption at Meta, said plainly with the storage mode."""
     await _as(world, world.admin_email)
