@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 DATA_DIR ?= ./pforte-data
 
-.PHONY: run test lint unit integration browser frontend chromium clean i18n bench crash-test
+.PHONY: run test lint unit integration browser frontend chromium clean i18n bench crash-test compliance-evidence
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pforte needs Python >= 3.11")'
@@ -44,13 +44,26 @@ test: $(STAMP) frontend chromium lint
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit tests/simulator
 
+# Which tests prove which DSK row (the compliance report reads the committed file; a unit test
+# fails when it is stale).
+compliance-evidence: $(STAMP)
+	$(BIN)/python -m pforte.compliance.evidence
+
 i18n: $(STAMP)
 	$(BIN)/pybabel extract -F babel.cfg -o /tmp/pforte-messages.pot src/pforte
 	$(BIN)/pybabel update -i /tmp/pforte-messages.pot -d src/pforte/locale -D messages
 
-bench: $(STAMP)
+wrk:
 	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+
+bench: $(STAMP) wrk
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
+
+# Webhook ingest with and without the audit receipts, alternating (issue 6: at most 10 % less).
+.PHONY: bench-audit-overhead wrk
+bench-audit-overhead: $(STAMP) wrk
+	$(BIN)/python bench/audit_overhead.py --db sqlite
+	$(BIN)/python bench/audit_overhead.py --db postgresql
 
 crash-test: $(STAMP)
 	$(BIN)/python bench/crash.py --db sqlite
@@ -66,3 +79,11 @@ SYNAPSE_ARGS ?= --seconds 10 --connections 16
 bench-synapse: $(STAMP)
 	$(BIN)/python bench/synapse_send.py --db sqlite $(SYNAPSE_ARGS)
 	$(BIN)/python bench/synapse_send.py --db postgresql $(SYNAPSE_ARGS)
+
+# audit.verify over 1,000,000 chained entries with signed checkpoints (bench/audit_verify.py: bulk-seeded
+# chain in a fresh SQLite file / throwaway PostgreSQL database; entries/s and peak RSS of the verify).
+AUDIT_BENCH_ARGS ?= --entries 1000000
+.PHONY: bench-audit-verify
+bench-audit-verify: $(STAMP)
+	$(BIN)/python bench/audit_verify.py --db sqlite $(AUDIT_BENCH_ARGS)
+	$(BIN)/python bench/audit_verify.py --db postgresql $(AUDIT_BENCH_ARGS)

@@ -9,8 +9,10 @@ from typing import Any
 import httpx
 from sentry_sdk.transport import Transport
 
+from pforte.audit import jobs as audit_jobs
 from pforte.channels.service import ChannelCache
 from pforte.clock import Clock, SystemClock
+from pforte.compliance import jobs as compliance_jobs
 from pforte.config import Settings
 from pforte.conversations import jobs as conversation_jobs
 from pforte.conversations.ingest import Ingestor, IngestWriter, reconcile_pending_statuses
@@ -133,7 +135,9 @@ def build_services(
     )
     ingest.on_parked = lambda: outbox.run_soon(reconcile_pending_statuses)
     staff_jobs.register(outbox, clock=clock, idle=timedelta(minutes=settings.session_idle_minutes))
+    audit_jobs.register(outbox, keys=keys, clock=clock)
     retention_jobs.register(outbox, db=db, eraser=eraser, clock=clock, settings=settings)
+    compliance_jobs.register(outbox, db=db, clock=clock, settings=settings, key_provider=provider)
     privacy_jobs.register(
         outbox,
         privacy_jobs.PrivacyDeps(

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     run_workers: bool = True
     retention_sweep_seconds: float = Field(default=3600.0, gt=0.0, description="how often the sweeper runs")
     retention_batch: int = Field(default=200, ge=1, description="conversations per sweeper transaction")
+    compliance_report_seconds: float = Field(
+        default=86400.0, gt=0.0, description="how often a compliance report is saved per organisation"
+    )
     session_metadata_days: int = Field(
         default=7, ge=1, description="days IP and user agent of a session are kept"
     )

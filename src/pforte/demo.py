@@ -24,6 +24,7 @@ from pforte.channels.models import Channel
 from pforte.channels.simulator import SimulatorConfig, create_simulator_app
 from pforte.config import Settings
 from pforte.conversations.models import MessageTemplate
+from pforte.crypto import signing
 from pforte.orgs import service as orgs
 from pforte.privacy import service as privacy
 from pforte.privacy import texts as privacy_texts
@@ -71,7 +72,7 @@ async def run_demo(settings: Settings) -> None:
             org = await orgs.create(
                 session=session, keys=services.keys, name="Demo-Klinik", slug="demo", now=now
             )
-            await staff.create(
+            admin = await staff.create(
                 session=session,
                 org_id=org.id,
                 email=creds["admin_email"],
@@ -79,6 +80,11 @@ async def run_demo(settings: Settings) -> None:
                 password=creds["admin_password"],
                 role="admin",
                 now=now,
+            )
+            await session.flush()
+            # A signing key owned by the admin, so checkpoints and signed exports work from the start.
+            await signing.create(
+                session, services.keys, org_id=org.id, owner_id=admin.id, now=now, actor=SYSTEM
             )
             for name, lang, body, n in TEMPLATES:
                 session.add(
