@@ -65,15 +65,12 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
-from functools import cache
-from pathlib import Path
 from typing import Any, cast
 
-import jinja2
-from markupsafe import Markup
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pforte import documents
 from pforte.audit import service as audit
 from pforte.audit.service import Actor
 from pforte.channels.models import Channel
@@ -92,7 +89,6 @@ log = logging.getLogger(__name__)
 FORMAT = "pforte.subject-export/1"
 ACTION = "contact.export"
 CHUNK = 64 * 1024
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "web" / "ui" / "templates"
 # Shown inline in the transcript; every other file is a link.
 INLINE_IMAGES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif"})
 # mimetypes' answers depend on the host's /etc/mime.types; these do not.
@@ -581,52 +577,12 @@ def _local_time(value: datetime | str | None, lang: str, tz: tzinfo) -> str:
     return local.strftime("%d.%m.%Y %H:%M" if lang == "de" else "%Y-%m-%d %H:%M")
 
 
-def _filesize(n: int | None) -> str:
-    if n is None:
-        return ""
-    if n < 1024:
-        return f"{n} B"
-    if n < 1024 * 1024:
-        return f"{n / 1024:.0f} KB"
-    return f"{n / (1024 * 1024):.1f} MB"
-
-
-@cache
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
-        autoescape=True,
-        extensions=["jinja2.ext.i18n"],
-    )
-    env.install_null_translations(newstyle=True)  # type: ignore[attr-defined]
-    env.filters["filesize"] = _filesize
-    return env
-
-
-@cache
-def _gettext(lang: str) -> tuple[Any, Any]:
-    """gettext/ngettext for templates, with the inbox's semantics (escaped; %(name)s only if given)."""
-    tr = translations(lang)
-
-    @jinja2.pass_context
-    def gettext(ctx: jinja2.runtime.Context, message: str, **variables: Any) -> str:
-        rv = Markup(tr.gettext(message))  # noqa: S704 - our own catalog text; variables are escaped by %
-        return rv % variables if variables else rv
-
-    @jinja2.pass_context
-    def ngettext(ctx: jinja2.runtime.Context, singular: str, plural: str, num: int, **variables: Any) -> str:
-        variables.setdefault("num", num)
-        return Markup(tr.ngettext(singular, plural, num)) % variables  # noqa: S704 - as above
-
-    return gettext, ngettext
-
-
 def transcript(export: SubjectExport, doc: dict[str, Any], *, lang: str, tz: tzinfo) -> bytes:
     """``transcript.html``: the export for people, rendered from the same document as ``data.json``."""
-    gettext, ngettext = _gettext(lang)
+    gettext, ngettext = documents.gettext_for(lang)
     texts = {m["id"]: m["text"] for c in doc["conversations"] for m in c["messages"]}
     html = (
-        _environment()
+        documents.environment()
         .get_template("export/transcript.html")
         .render(
             doc=doc,

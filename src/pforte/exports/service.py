@@ -79,16 +79,13 @@ import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
-from functools import cache
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import jinja2
-from markupsafe import Markup
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from pforte import documents
 from pforte.audit import service as audit
 from pforte.audit.service import Actor
 from pforte.channels.models import Channel
@@ -101,7 +98,7 @@ from pforte.crypto.blobs import BlobStore
 from pforte.crypto.envelope import FieldCipher
 from pforte.crypto.keys import KeyService
 from pforte.errors import ConflictError, CryptoError, NotFoundError, ValidationError
-from pforte.i18n import LOCALES, translations
+from pforte.i18n import LOCALES
 from pforte.orgs.models import Organisation
 from pforte.staff.models import StaffUser
 
@@ -119,7 +116,6 @@ TRANSCRIPT = "transcript.html"
 ATTACHMENTS = "attachments/"
 # Same as the inbox: organisations have no time-zone setting yet.
 DISPLAY_TZ = ZoneInfo("Europe/Berlin")
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "web" / "ui" / "templates"
 
 
 class ExportIntegrityError(ConflictError):
@@ -650,51 +646,11 @@ def _zip(entries: dict[str, bytes], now: datetime) -> bytes:
 # -- the transcript --------------------------------------------------------------------------------
 
 
-def _filesize(n: int | None) -> str:
-    if n is None:
-        return ""
-    if n < 1024:
-        return f"{n} B"
-    if n < 1024 * 1024:
-        return f"{n / 1024:.0f} KB"
-    return f"{n / (1024 * 1024):.1f} MB"
-
-
-@cache
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
-        autoescape=True,
-        extensions=["jinja2.ext.i18n"],
-    )
-    env.install_null_translations(newstyle=True)  # type: ignore[attr-defined]
-    env.filters["filesize"] = _filesize
-    return env
-
-
-@cache
-def _gettext(lang: str) -> tuple[Any, Any]:
-    """gettext/ngettext for the template (escaped catalog text; %(name)s variables escaped by %)."""
-    tr = translations(lang)
-
-    @jinja2.pass_context
-    def gettext(ctx: jinja2.runtime.Context, message: str, **variables: Any) -> str:
-        rv = Markup(tr.gettext(message))  # noqa: S704 - our own catalog text
-        return rv % variables if variables else rv
-
-    @jinja2.pass_context
-    def ngettext(ctx: jinja2.runtime.Context, singular: str, plural: str, num: int, **variables: Any) -> str:
-        variables.setdefault("num", num)
-        return Markup(tr.ngettext(singular, plural, num)) % variables  # noqa: S704 - as above
-
-    return gettext, ngettext
-
-
 def transcript(
     doc: dict[str, Any], *, org_name: str, fingerprint: str, created_at: datetime, lang: str, tz: tzinfo
 ) -> bytes:
     """``transcript.html``: the export for people, rendered from the same document as messages.json."""
-    gettext, ngettext = _gettext(lang)
+    gettext, ngettext = documents.gettext_for(lang)
 
     def when(value: str | None) -> str:
         if not value:
@@ -709,7 +665,7 @@ def transcript(
         return local.strftime("%d.%m.%Y %H:%M" if lang == "de" else "%Y-%m-%d %H:%M")
 
     html = (
-        _environment()
+        documents.environment()
         .get_template("export/conversation_transcript.html")
         .render(
             doc=doc,

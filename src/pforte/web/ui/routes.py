@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.datastructures import UploadFile
 from starlette.staticfiles import StaticFiles
 
+from pforte import documents
 from pforte.audit.service import Actor
 from pforte.bootstrap import Services
 from pforte.channels import service as channels
@@ -102,22 +103,12 @@ def _iso(dt: datetime | None) -> str:
     return local.isoformat() if local else ""
 
 
-def _filesize(n: int | None) -> str:
-    if n is None:
-        return ""
-    if n < 1024:
-        return f"{n} B"
-    if n < 1024 * 1024:
-        return f"{n / 1024:.0f} KB"
-    return f"{n / (1024 * 1024):.1f} MB"
-
-
 templates.env.globals["path_for"] = _path_for
 # A fresh one-time key per composer form: the same form arriving twice queues one message.
 templates.env.globals["new_client_key"] = lambda: secrets.token_urlsafe(18)
 templates.env.filters["when"] = _when
 templates.env.filters["iso"] = _iso
-templates.env.filters["filesize"] = _filesize
+templates.env.filters["filesize"] = documents.filesize
 
 
 # -- small helpers ---------------------------------------------------------------------------------
