@@ -11,21 +11,15 @@ report fails is logged by error type and skipped; the others still get theirs.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
-
-from sqlalchemy import insert, select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pforte.clock import Clock
 from pforte.compliance import service
 from pforte.config import Settings
-from pforte.db import Database, new_id, table_of
+from pforte.db import Database
 from pforte.orgs import service as orgs
-from pforte.outbox.models import Job
-from pforte.outbox.worker import ClaimedJob, OutboxWorker, finish
+from pforte.outbox.worker import OutboxWorker
 
 KIND = "compliance_report"
-J = table_of(Job)
 log = logging.getLogger("pforte.compliance")
 
 
@@ -59,39 +53,8 @@ def register(
     worker: OutboxWorker, *, db: Database, clock: Clock, settings: Settings, key_provider: object | None
 ) -> None:
     """Attach the report job and its periodic tick."""
-    interval = settings.compliance_report_seconds
 
-    async def tick(conn: AsyncConnection) -> None:
-        now = clock.now()
-        recent = await conn.execute(
-            select(J.c.id)
-            .where(
-                J.c.kind == KIND,
-                (J.c.state.in_(("queued", "running"))) | (J.c.updated_at > now - timedelta(seconds=interval)),
-            )
-            .limit(1)
-        )
-        if recent.first() is not None:  # one waiting, running, or finished within the interval
-            return
-        await conn.execute(
-            insert(J).values(
-                id=new_id(),
-                org_id=None,
-                kind=KIND,
-                payload={},
-                state="queued",
-                attempts=0,
-                run_after=now,
-                created_at=now,
-                updated_at=now,
-            )
-        )
-        worker.wake()
-
-    async def run(job: ClaimedJob) -> None:
+    async def run() -> None:
         await save_all(db, settings, clock, key_provider=key_provider)
-        async with db.engine.begin() as conn:
-            await finish(conn, job, state="done", now=clock.now())
 
-    worker.register(KIND, run)
-    worker.every("compliance_tick", interval, tick)
+    worker.every_as_job(KIND, "compliance_tick", settings.compliance_report_seconds, run, clock)

@@ -28,7 +28,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pforte.clock import Clock
-from pforte.db import Database, table_of, upsert_insert
+from pforte.db import Database, new_id, table_of, upsert_insert
 from pforte.metrics import Metrics
 from pforte.outbox.models import Job, PeriodicRun
 
@@ -161,6 +161,52 @@ class OutboxWorker:
     def every(self, name: str, seconds: float, fn: Callable[[AsyncConnection], Awaitable[Any]]) -> None:
         """Run ``fn(conn)`` once every ``seconds`` across all processes sharing the database."""
         self._periodic.append(PeriodicTask(name=name, interval=seconds, fn=fn))
+
+    def every_as_job(
+        self, kind: str, tick_name: str, seconds: float, run: Callable[[], Awaitable[Any]], clock: Clock
+    ) -> None:
+        """Run ``run()`` as a job of ``kind`` about once every ``seconds`` across all processes.
+
+        A periodic tick queues one job unless one is queued, running, or finished within the
+        interval; a worker runs it like any job (leased, retried if its process dies), so a long run
+        does not hold the tick's transaction.
+        """
+
+        async def tick(conn: AsyncConnection) -> None:
+            now = clock.now()
+            recent = await conn.execute(
+                select(J.c.id)
+                .where(
+                    J.c.kind == kind,
+                    (J.c.state.in_(("queued", "running")))
+                    | (J.c.updated_at > now - timedelta(seconds=seconds)),
+                )
+                .limit(1)
+            )
+            if recent.first() is not None:
+                return
+            await conn.execute(
+                J.insert().values(
+                    id=new_id(),
+                    org_id=None,
+                    kind=kind,
+                    payload={},
+                    state="queued",
+                    attempts=0,
+                    run_after=now,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+            self.wake()
+
+        async def handler(job: ClaimedJob) -> None:
+            await run()
+            async with self.db.engine.begin() as conn:
+                await finish(conn, job, state="done", now=clock.now())
+
+        self.register(kind, handler)
+        self.every(tick_name, seconds, tick)
 
     async def run_periodic(self, *, force: bool = False) -> None:
         """Run the periodic tasks that are due; each run is claimed in ``periodic_runs`` first.
