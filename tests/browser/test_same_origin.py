@@ -30,6 +30,7 @@ ADMIN_PAGES = [
     "/admin/privacy-notice",
     "/privacy",
     "/audit",
+    "/admin/compliance",
 ]
 
 
