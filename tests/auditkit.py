@@ -4,17 +4,22 @@ SQL on ``audit_events``, ``audit_heads`` and ``audit_checkpoints``)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from sqlalchemy import select, text
+from typer.testing import CliRunner
 
 from pforte.audit import service as audit
 from pforte.audit.models import AuditEvent
 from pforte.audit.service import CLI
-from pforte.bootstrap import Services
+from pforte.bootstrap import Services, build_services
+from pforte.cli import app
 from pforte.clock import FakeClock
+from pforte.config import Settings
 from pforte.db import table_of
 from pforte.orgs import service as orgs
 from pforte.staff import service as staff
@@ -201,3 +206,31 @@ async def restore_seq_unique(sv: Services, chain: str, intruder_id: str) -> None
     await sql(sv, "DELETE FROM audit_events WHERE id = :i", i=intruder_id)
     if sv.db.dialect == "postgresql":
         await sql(sv, "ALTER TABLE audit_events ADD CONSTRAINT uq_audit_events_chain_seq UNIQUE (chain, seq)")
+
+
+@pytest.fixture
+def cli(db_url, settings, monkeypatch):
+    """``pforte …`` against the test's database and data directory; asserts the exit code."""
+    monkeypatch.setenv("PFORTE_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("PFORTE_DATABASE_URL", db_url)
+    runner = CliRunner()
+
+    def run(*args: str, code: int = 0):
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == code, result.output
+        return result
+
+    return run
+
+
+def with_services(settings: Settings, fn: Any) -> Any:
+    """Run ``await fn(services)`` on fresh services outside the test's event loop (next to the CLI)."""
+
+    async def main() -> Any:
+        services = build_services(settings.model_copy(update={"run_workers": False}), clock=FakeClock(START))
+        try:
+            return await fn(services)
+        finally:
+            await services.stop()
+
+    return asyncio.run(main())

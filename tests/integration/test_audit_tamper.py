@@ -19,17 +19,17 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import select
 from tests import auditkit as kit
-from typer.testing import CliRunner
 
 from pforte.audit import checkpoints
 from pforte.audit import service as audit
 from pforte.audit.models import AuditCheckpoint
 from pforte.audit.service import CLI
 from pforte.bootstrap import Services, build_services
-from pforte.cli import app
 from pforte.clock import FakeClock, SystemClock
 from pforte.config import Settings
 from pforte.crypto import signing
+
+cli = kit.cli  # the command-line fixture, shared with the other audit tests
 
 
 @pytest.fixture
@@ -453,33 +453,6 @@ async def test_the_periodic_task_signs_each_moved_head_once(sv):
 # --- the command line ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def cli(db_url, settings, monkeypatch):
-    monkeypatch.setenv("PFORTE_DATA_DIR", str(settings.data_dir))
-    monkeypatch.setenv("PFORTE_DATABASE_URL", db_url)
-    runner = CliRunner()
-
-    def run(*args: str, code: int = 0):
-        result = runner.invoke(app, list(args))
-        assert result.exit_code == code, result.output
-        return result
-
-    return run
-
-
-def _with_services(settings: Settings, fn: Any) -> Any:
-    async def main() -> Any:
-        services = build_services(
-            settings.model_copy(update={"run_workers": False}), clock=FakeClock(kit.START)
-        )
-        try:
-            return await fn(services)
-        finally:
-            await services.stop()
-
-    return asyncio.run(main())
-
-
 @pytest.mark.dsk("I.11")
 def test_pforte_audit_verify_and_checkpoint_from_the_command_line(cli, settings):
     async def seed(sv: Services) -> kit.Org:
@@ -488,7 +461,7 @@ def test_pforte_audit_verify_and_checkpoint_from_the_command_line(cli, settings)
         await kit.record_many(sv, None, 2)  # the instance chain
         return org
 
-    org = _with_services(settings, seed)
+    org = kit.with_services(settings, seed)
     out = cli("audit", "verify").output
     assert "klinikum: 5 entries ok; no signed checkpoint yet" in out
     assert "instance: 2 entries ok; unsigned (the instance chain has no organisation key)" in out
@@ -511,7 +484,7 @@ def test_pforte_audit_verify_and_checkpoint_from_the_command_line(cli, settings)
         await kit.sql(sv, "UPDATE audit_events SET details = NULL WHERE id = :i", i=victim["id"])
         return str(victim["id"])
 
-    victim_id = _with_services(settings, tamper)
+    victim_id = kit.with_services(settings, tamper)
     failed = cli("audit", "verify", code=1)
     assert f"klinikum: FAILED at entry 3 (changed, id {victim_id}): entry 3 was changed" in failed.output
     assert "instance: 2 entries ok" in failed.output
@@ -537,6 +510,6 @@ def test_a_deleted_organisations_chain_is_still_verified(cli, settings):
         await kit.sql(sv, "DELETE FROM organisations WHERE id = :o", o=org.id)
         return org.id
 
-    org_id = _with_services(settings, seed)
+    org_id = kit.with_services(settings, seed)
     out = cli("audit", "verify", code=1).output
     assert f"deleted organisation {org_id}: FAILED at entry 2 (removed)" in out

@@ -4,7 +4,6 @@ changed; KEK rotation carries the keys along."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -17,19 +16,19 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import func, select, text
 from tests import auditkit as kit
-from typer.testing import CliRunner
 
 from pforte.audit import checkpoints
 from pforte.audit.models import AuditEvent
 from pforte.audit.service import CLI
 from pforte.bootstrap import Services, build_services
-from pforte.cli import app
 from pforte.clock import FakeClock
 from pforte.config import Settings
 from pforte.crypto import rotation, signing
 from pforte.crypto.keys import FileKeyProvider, KeyService
 from pforte.crypto.models import SigningKey
 from pforte.errors import ConflictError, NotFoundError, ValidationError
+
+cli = kit.cli  # the command-line fixture, shared with the other audit tests
 
 
 @pytest.fixture
@@ -401,37 +400,10 @@ async def test_a_key_made_with_a_kek_read_before_the_switch_ends_up_under_the_ne
 # --- the command line ------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def cli(db_url, settings, monkeypatch):
-    monkeypatch.setenv("PFORTE_DATA_DIR", str(settings.data_dir))
-    monkeypatch.setenv("PFORTE_DATABASE_URL", db_url)
-    runner = CliRunner()
-
-    def run(*args: str, code: int = 0):
-        result = runner.invoke(app, list(args))
-        assert result.exit_code == code, result.output
-        return result
-
-    return run
-
-
-def _with_services(settings: Settings, fn: Any) -> Any:
-    async def main() -> Any:
-        services = build_services(
-            settings.model_copy(update={"run_workers": False}), clock=FakeClock(kit.START)
-        )
-        try:
-            return await fn(services)
-        finally:
-            await services.stop()
-
-    return asyncio.run(main())
-
-
 @pytest.mark.dsk("I.5")
 def test_keys_signing_create_list_revoke_import_from_the_command_line(cli, settings, tmp_path, monkeypatch):
-    org = _with_services(settings, kit.make_org)
-    state = lambda: _with_services(settings, _state)  # noqa: E731
+    org = kit.with_services(settings, kit.make_org)
+    state = lambda: kit.with_services(settings, _state)  # noqa: E731
 
     made = cli(
         "keys",

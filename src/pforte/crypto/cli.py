@@ -8,6 +8,7 @@ after a one-line error, not at all.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from datetime import datetime
@@ -231,6 +232,20 @@ def _made(doc: dict[str, Any], as_json: bool, verb: str) -> None:
         typer.echo(f"  owner {doc['owner']}, valid until {doc['valid_until'][:16].replace('T', ' ')} UTC")
 
 
+def _register_key(org: str, owner: str, as_json: bool, verb: str, store: Any) -> None:
+    """Run ``store(session, keys, org_id=, owner_id=, now=)`` in one transaction and print the key."""
+
+    async def _do(sv: Any) -> dict[str, Any]:
+        async with sv.db.transaction() as session:
+            org_id, owner_id = await _org_and_owner(session, org, owner)
+            assert owner_id is not None
+            now = sv.clock.now()
+            info = await store(session, sv.keys, org_id=org_id, owner_id=owner_id, now=now)
+            return _key_line(info, owner.strip().lower(), now)
+
+    _made(clikit.run(clikit.settings(), _do), as_json, verb)
+
+
 @signing_app.command("create")
 def signing_create(
     org: str = typer.Option(..., help="organisation slug"),
@@ -242,22 +257,9 @@ def signing_create(
     from pforte.audit.service import CLI
     from pforte.crypto import signing
 
-    async def _do(sv: Any) -> dict[str, Any]:
-        async with sv.db.transaction() as session:
-            org_id, owner_id = await _org_and_owner(session, org, owner)
-            assert owner_id is not None
-            info = await signing.create(
-                session,
-                sv.keys,
-                org_id=org_id,
-                owner_id=owner_id,
-                now=sv.clock.now(),
-                actor=CLI,
-                valid_days=valid_days,
-            )
-            return _key_line(info, owner.strip().lower(), sv.clock.now())
-
-    _made(clikit.run(clikit.settings(), _do), as_json, "created")
+    _register_key(
+        org, owner, as_json, "created", functools.partial(signing.create, actor=CLI, valid_days=valid_days)
+    )
 
 
 @signing_app.command("import")
@@ -288,24 +290,10 @@ def signing_import(
             clikit.fail(f"the environment variable {password_env} is not set")
         password = value.encode()
 
-    async def _do(sv: Any) -> dict[str, Any]:
-        async with sv.db.transaction() as session:
-            org_id, owner_id = await _org_and_owner(session, org, owner)
-            assert owner_id is not None
-            info = await signing.import_key(
-                session,
-                sv.keys,
-                org_id=org_id,
-                owner_id=owner_id,
-                pem=pem,
-                password=password,
-                now=sv.clock.now(),
-                actor=CLI,
-                valid_days=valid_days,
-            )
-            return _key_line(info, owner.strip().lower(), sv.clock.now())
-
-    _made(clikit.run(clikit.settings(), _do), as_json, "imported")
+    store = functools.partial(
+        signing.import_key, pem=pem, password=password, actor=CLI, valid_days=valid_days
+    )
+    _register_key(org, owner, as_json, "imported", store)
 
 
 @signing_app.command("list")
