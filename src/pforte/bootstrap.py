@@ -11,6 +11,7 @@ from sentry_sdk.transport import Transport
 
 from pforte.audit import jobs as audit_jobs
 from pforte.channels.service import ChannelCache
+from pforte.channels.whatsapp.transport import AiohttpPoster, HttpxPoster, JsonPoster
 from pforte.clock import Clock, SystemClock
 from pforte.compliance import jobs as compliance_jobs
 from pforte.config import Settings
@@ -51,6 +52,7 @@ class Services:
     reporter: ErrorReporter
     bridge: PgEventBridge | None = None
     started: bool = False
+    poster: AiohttpPoster | None = None  # the production send transport, closed on stop
 
     async def start(self) -> None:
         """Start background tasks (ingest writer; outbox worker unless disabled)."""
@@ -74,6 +76,8 @@ class Services:
             await self.reporter.stop()
             self.started = False
         await self.http.aclose()
+        if self.poster is not None:
+            await self.poster.close()
         await self.db.dispose()
 
 
@@ -101,6 +105,14 @@ def build_services(
     eraser = Eraser(keys=keys, blobs=blobs, ledger=ledger, bus=bus)
     channels = ChannelCache(keys)
     http = httpx.AsyncClient(transport=graph_transport, timeout=settings.graph_timeout_seconds)
+    # Sends go over aiohttp on the real network (cheaper per request); an injected transport (tests,
+    # simulator) keeps them on httpx.
+    aio_poster: AiohttpPoster | None = None
+    poster: JsonPoster
+    if graph_transport is None:
+        poster = aio_poster = AiohttpPoster(timeout=settings.graph_timeout_seconds, limit=200)
+    else:
+        poster = HttpxPoster(http)
     ingest = IngestWriter(
         db=db,
         ingestor=Ingestor(keys=keys, clock=clock, audit_receipts=settings.audit_receipts),
@@ -116,6 +128,7 @@ def build_services(
         poll_seconds=settings.outbox_poll_seconds,
         batch=settings.outbox_batch,
         lease_seconds=settings.outbox_lease_seconds,
+        concurrency=settings.outbox_concurrency,
     )
     conversation_jobs.register(
         outbox,
@@ -130,6 +143,7 @@ def build_services(
             http=http,
             limits=RateLimits(clock, db=db),
             media_max_bytes=settings.media_max_bytes,
+            poster=poster,
         ),
         reconcile_seconds=settings.status_reconcile_seconds,
     )
@@ -159,5 +173,6 @@ def build_services(
         ledger=ledger,
         eraser=eraser,
         reporter=reporter,
+        poster=aio_poster,
         bridge=PgEventBridge(settings.effective_database_url, bus) if db.dialect == "postgresql" else None,
     )

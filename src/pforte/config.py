@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     dek_cache_size: int = Field(default=10_000, ge=1)
     outbox_poll_seconds: float = Field(default=0.5, gt=0.0)
     outbox_batch: int = Field(default=50, ge=1)
+    outbox_concurrency: int = Field(default=256, ge=1)  # jobs in flight per process
     outbox_lease_seconds: float = Field(default=60.0, gt=0.0)
     run_workers: bool = True
     retention_sweep_seconds: float = Field(default=3600.0, gt=0.0, description="how often the sweeper runs")

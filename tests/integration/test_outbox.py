@@ -271,6 +271,42 @@ async def test_sends_are_paced_to_the_channel_rate_without_rate_limit_errors(wor
     assert all(j.attempts == 1 and j.state == "done" for j in await _jobs(world))
 
 
+async def test_a_chunk_of_sends_settles_every_message_on_its_own(world):
+    """The worker hands the claimed sends of a channel over together; within one chunk a message
+    that is no longer sendable is skipped, a job whose lease another runner took is left alone,
+    a refused send fails only its own message, and the rest are accepted."""
+    cid = await _conversation(world)
+    mids = [await _send(world, cid, text=f"Nachricht {i}") for i in range(8)]
+    worker = world.services.outbox
+    claimed = await worker.claim(20)
+    assert len(claimed) == 8
+    job_of = {j.payload["message_id"]: j for j in claimed}
+    async with world.services.db.transaction() as s:
+        await s.execute(update(Message).where(Message.id == mids[0]).values(status="failed"))
+        await s.execute(update(Job).where(Job.id == job_of[mids[1]].id).values(locked_by="elsewhere/1"))
+    world.sim.fail_next_send(PNID, 131026)
+
+    await worker.batch_handlers["send_message"](claimed)
+    await world.settle()
+
+    jobs = {j.id: j for j in await _jobs(world)}
+    assert (jobs[job_of[mids[0]].id].state, jobs[job_of[mids[0]].id].last_error) == (
+        "done",
+        "nothing to send",
+    )
+    assert jobs[job_of[mids[1]].id].state == "running"  # still the other runner's
+    assert (await _message(world, mids[1])).status == "queued"
+    rest = [await _message(world, m) for m in mids[2:]]
+    failed = [m for m in rest if m.status == "failed"]
+    assert [(m.error_code, m.error_reason) for m in failed] == [(131026, "undeliverable")]
+    accepted = [m for m in rest if m.status in ("sent", "delivered")]
+    assert len(accepted) == 5 and all(m.external_id for m in accepted)
+    sent = world.sim.business_messages(PNID)
+    assert sorted(m.wamid for m in sent) == sorted(m.external_id for m in accepted)
+    assert sorted(jobs[job_of[m].id].state for m in mids[2:]) == ["done"] * 5 + ["failed"]
+    assert all(jobs[job_of[m].id].started_at is not None for m in mids[2:])
+
+
 async def test_inbound_media_is_downloaded_checked_and_stored_encrypted(world):
     data = b"\x89PNG\r\n\x1a\n" + b"befund-bild" * 100
     await world.sim.patient_send_media(
@@ -414,9 +450,9 @@ async def test_a_runner_that_lost_its_lease_neither_sends_nor_finishes(world):
     assert await worker.recover_stale() == 1
     (fresh,) = await worker.claim(10)
     assert fresh.id == stale.id and fresh.locked_by != stale.locked_by
-    await worker.handlers["send_message"](stale)  # the slow runner finally gets to its send
+    await worker.batch_handlers["send_message"]([stale])  # the slow runner finally gets to its send
     assert world.sim.business_messages(PNID) == []
-    await worker.handlers["send_message"](fresh)
+    await worker.batch_handlers["send_message"]([fresh])
     await world.settle()
     assert len(world.sim.business_messages(PNID)) == 1
     (job,) = await _jobs(world)

@@ -6,6 +6,7 @@ import asyncio
 import random
 
 from pforte.clock import SystemClock
+from pforte.outbox import ratelimit
 from pforte.outbox.ratelimit import Pacer
 
 
@@ -42,11 +43,45 @@ async def test_late_arrivals_never_crowd_a_second_past_the_rate():
 
 
 async def test_a_ticket_never_marked_done_blocks_only_until_it_is_declared_stuck(monkeypatch):
-    from pforte.outbox import ratelimit
-
     monkeypatch.setattr(ratelimit, "STUCK_AFTER_S", 0.05)
     pacer = Pacer(2, SystemClock(), margin=0.0)
     await pacer.acquire()  # never done: a caller bug
     (await pacer.acquire()).done()
     third = await asyncio.wait_for(pacer.acquire(), 3.0)
     third.done()
+
+
+async def test_chunks_take_consecutive_slots_and_keep_the_window():
+    """``acquire_many`` reserves a chunk's slots in one step: chunks queued together follow one
+    another (no interleaving), each returns at its last slot, and stalled chunks still never put
+    more than ``rate`` arrivals into one second."""
+    rate = 40
+    clock = SystemClock()
+    pacer = Pacer(rate, clock, margin=0.0)
+    loop = asyncio.get_running_loop()
+    arrivals: list[float] = []
+    returned: list[float] = []
+
+    async def chunk(n: int, stall: float) -> None:
+        tickets = await pacer.acquire_many(n)
+        returned.append(loop.time())
+        assert len(tickets) == n
+
+        async def one(ticket: ratelimit.Ticket) -> None:
+            try:
+                await asyncio.sleep(stall)
+                arrivals.append(loop.time())
+            finally:
+                ticket.done()
+
+        await asyncio.gather(*(one(t) for t in tickets))
+
+    start = loop.time()
+    # eight chunks of ten (2 s of rate); every third one stalls on its way out
+    await asyncio.gather(*(chunk(10, 0.3 if i % 3 == 0 else 0.0) for i in range(8)))
+
+    assert len(arrivals) == 80
+    assert _most_in_one_second(arrivals) <= rate
+    # the k-th chunk returned no earlier than its last slot: (10k - 1) intervals after the start
+    for k, at in enumerate(sorted(returned), start=1):
+        assert at - start >= (10 * k - 1) / rate - 0.01

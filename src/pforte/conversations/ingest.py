@@ -676,31 +676,55 @@ async def apply_pending_statuses(
     state: status_policy.MessageState,
 ) -> dict[str, Any]:
     """Apply statuses that arrived before the send's wamid was recorded; returns the final changes."""
+    changes = await apply_pending_statuses_many(
+        conn, channel_id=channel_id, sends={external_id: (message_id, state)}
+    )
+    return changes.get(message_id, {})
+
+
+async def apply_pending_statuses_many(
+    conn: AsyncConnection,
+    *,
+    channel_id: str,
+    sends: dict[str, tuple[str, status_policy.MessageState]],
+) -> dict[str, dict[str, Any]]:
+    """``apply_pending_statuses`` for many just-recorded sends (wamid → message id, state) at once:
+    one query finds the parked statuses of all of them (usually none)."""
+    if not sends:
+        return {}
     rows = (
         await conn.execute(
             select(PS)
-            .where(and_(PS.c.channel_id == channel_id, PS.c.external_id == external_id))
+            .where(and_(PS.c.channel_id == channel_id, PS.c.external_id.in_(list(sends))))
             .order_by(PS.c.provider_ts)
         )
     ).all()
-    total: dict[str, Any] = {}
+    if not rows:
+        return {}
+    changes: dict[str, dict[str, Any]] = {}
+    states = {ext: state for ext, (_, state) in sends.items()}
     for r in rows:
+        message_id, state = sends[r.external_id][0], states[r.external_id]
         delta = status_policy.merge(state, r.status, r.provider_ts, r.error_code)
         if delta:
             if "error_code" in delta:
                 delta["error_title"] = r.error_title
+            total = changes.setdefault(message_id, {})
             total.update(delta)
-            state = status_policy.MessageState(
+            states[r.external_id] = status_policy.MessageState(
                 **{
                     k: total.get(k, getattr(state, k))
                     for k in ("status", "sent_at", "delivered_at", "read_at", "failed_at")
                 }
             )
-    if rows:
-        await conn.execute(PS.delete().where(PS.c.channel_id == channel_id, PS.c.external_id == external_id))
-    if total:
-        await apply_changes(conn, {message_id: total})
-    return total
+    await conn.execute(
+        PS.delete().where(
+            PS.c.channel_id == channel_id, PS.c.external_id.in_(sorted({r.external_id for r in rows}))
+        )
+    )
+    if changes:
+        await apply_changes(conn, changes)
+    return changes
 
 
 async def reconcile_pending_statuses(conn: AsyncConnection, *, limit: int = 500) -> int:

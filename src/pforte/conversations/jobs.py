@@ -1,21 +1,27 @@
-"""Background jobs of conversations: send a staff message, fetch inbound media, send a read receipt.
+"""Background jobs of conversations: send staff messages, fetch inbound media, send a read receipt.
 
 Each handler runs in three steps with the network call outside any transaction:
 1. load what is needed and, for a send, commit ``started_at`` (the point after which a crash means
    "outcome unknown");
 2. call the channel (paced per number);
 3. record the result and close the job in ONE transaction, then publish a live event.
+
+Sends go in chunks (``send_messages``): the worker hands over the claimed send jobs of one channel,
+and each chunk of up to ``CHUNK_SECONDS`` of the channel's rate takes its pacing slots at once,
+then shares one start transaction and one result transaction; the HTTP calls run concurrently.
+A message with a file to upload goes alone (``send_message``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pforte.channels import service as channels
@@ -33,6 +39,7 @@ from pforte.channels.base import (
 from pforte.channels.service import ChannelCache, ChannelRuntime
 from pforte.channels.whatsapp.adapter import WhatsAppAdapter
 from pforte.channels.whatsapp.client import GraphClient
+from pforte.channels.whatsapp.transport import JsonPoster
 from pforte.clock import Clock
 from pforte.contacts.models import Contact
 from pforte.conversations import ingest
@@ -44,8 +51,16 @@ from pforte.db import Database, table_of
 from pforte.events import EventBus, LiveEvent
 from pforte.metrics import Metrics
 from pforte.outbox.models import Job
-from pforte.outbox.ratelimit import RateLimits
-from pforte.outbox.worker import ClaimedJob, OutboxWorker, backoff_seconds, finish, mark_started
+from pforte.outbox.ratelimit import Pacer, RateLimits, SharedPacer, Ticket
+from pforte.outbox.worker import (
+    ClaimedJob,
+    OutboxWorker,
+    backoff_seconds,
+    finish,
+    finish_many,
+    mark_started,
+    mark_started_many,
+)
 
 log = logging.getLogger("pforte.jobs")
 M = table_of(Message)
@@ -56,6 +71,8 @@ J = table_of(Job)
 MAX_SEND_ATTEMPTS = 12
 MAX_MEDIA_ATTEMPTS = 8
 DOWN_RECHECK_SECONDS = 30.0
+CHUNK_SECONDS = 0.05  # a send chunk holds this many seconds of the channel's rate (50 at 1,000/s)
+MEDIA_DOWNLOADS = 16  # inbound media fetched at once per process (each holds a file in memory)
 
 
 @dataclass
@@ -72,6 +89,7 @@ class JobDeps:
     http: httpx.AsyncClient
     limits: RateLimits
     media_max_bytes: int
+    poster: JsonPoster | None = None  # send/mark-read transport; None: httpx on ``http``
 
     def adapter(self, rt: ChannelRuntime) -> WhatsAppAdapter:
         """A WhatsApp adapter for a channel's current credentials."""
@@ -82,6 +100,7 @@ class JobDeps:
                 version=rt.graph_version,
                 phone_number_id=rt.phone_number_id,
                 access_token=rt.access_token,
+                poster=self.poster,
             )
         )
 
@@ -89,16 +108,19 @@ class JobDeps:
 def register(worker: OutboxWorker, deps: JobDeps, *, reconcile_seconds: float = 2.0) -> None:
     """Attach the conversation handlers and periodic tasks to the worker."""
 
-    async def _send(job: ClaimedJob) -> None:
-        await send_message(deps, job)
+    async def _send(jobs: list[ClaimedJob]) -> None:
+        await send_messages(deps, jobs)
+
+    downloads = asyncio.Semaphore(MEDIA_DOWNLOADS)
 
     async def _download(job: ClaimedJob) -> None:
-        await download_media(deps, job)
+        async with downloads:
+            await download_media(deps, job)
 
     async def _mark_read(job: ClaimedJob) -> None:
         await mark_read(deps, job)
 
-    worker.register("send_message", _send, on_stale=send_outcome_unknown)
+    worker.register_batch("send_message", _send, on_stale=send_outcome_unknown)
     worker.register("download_media", _download)
     worker.register("mark_read", _mark_read)
     worker.every("reconcile_statuses", reconcile_seconds, ingest.reconcile_pending_statuses)
@@ -122,6 +144,121 @@ async def _channel_down(deps: JobDeps, rt: ChannelRuntime, err: ChannelDownError
     deps.channels.invalidate(rt.id)
     deps.bus.publish(LiveEvent(org_id=rt.org_id, type="channel"))
     log.warning("channel down", extra={"channel_id": rt.id, "provider_code": err.provider_code})
+
+
+async def send_messages(deps: JobDeps, jobs: list[ClaimedJob]) -> None:
+    """Send the claimed send jobs of one channel: files one by one, the rest in paced chunks."""
+    rt = await deps.channels.get(deps.db.sessionmaker, jobs[0].channel_id or "")
+    if rt.state != "UP":
+        async with deps.db.engine.begin() as conn:
+            for job in jobs:
+                await finish(
+                    conn,
+                    job,
+                    state="queued",
+                    now=deps.clock.now(),
+                    error="channel down",
+                    retry_in=DOWN_RECHECK_SECONDS,
+                    keep_attempt=False,
+                )
+        return
+    pacer = deps.limits.for_channel(rt.id, rt.rate_limit_per_s)
+    plain = [j for j in jobs if not j.payload.get("upload")]
+    size = max(1, int(rt.rate_limit_per_s * CHUNK_SECONDS))
+    await asyncio.gather(
+        *(send_message(deps, j) for j in jobs if j.payload.get("upload")),
+        *(_send_chunk(deps, rt, pacer, plain[i : i + size]) for i in range(0, len(plain), size)),
+    )
+
+
+async def _send_chunk(
+    deps: JobDeps, rt: ChannelRuntime, pacer: Pacer | SharedPacer, jobs: list[ClaimedJob]
+) -> None:
+    """Send up to a chunk of text/template/interactive messages with two transactions in all.
+
+    The pacing slots come first (a wait must not look like a started send); then ONE transaction
+    loads the messages and records ``started_at`` for the jobs this claim still holds; the sends
+    run concurrently, each ticket marked done when its answer is back; ONE transaction records the
+    accepted ones and closes their jobs. A failed send takes the single-message failure path.
+    """
+    tickets = await pacer.acquire_many(len(jobs))
+    by_message = {j.payload["message_id"]: j for j in jobs}
+    try:
+        async with deps.db.engine.begin() as conn:
+            rows = {r.id: r for r in await conn.execute(select(M).where(M.c.id.in_(list(by_message))))}
+            gone = [
+                j for mid, j in by_message.items() if mid not in rows or rows[mid].status not in _SENDABLE
+            ]
+            for job in gone:
+                await finish(conn, job, state="done", now=deps.clock.now(), error="nothing to send")
+            live = [j for j in jobs if j not in gone]
+            held = await mark_started_many(conn, live, deps.clock.now()) if live else set()
+            live = [j for j in live if j.id in held]  # the others' leases were recovered: not ours
+            mids = [j.payload["message_id"] for j in live]
+            contacts = {
+                r.id: r
+                for r in await conn.execute(
+                    select(C).where(C.c.id.in_(sorted({rows[m].contact_id for m in mids})))
+                )
+            }
+            ciphers = await deps.keys.ciphers(conn, {c.dek_id for c in contacts.values()})
+            atts = {r.message_id: r for r in await conn.execute(select(A).where(A.c.message_id.in_(mids)))}
+            if mids:
+                await conn.execute(update(M).where(M.c.id.in_(mids)).values(status="sending"))
+        for spare in tickets[len(live) :]:
+            spare.done()  # never used: frees its place in the window now
+        adapter = deps.adapter(rt)
+        outcomes = await asyncio.gather(
+            *(
+                _send_one(adapter, ticket, ciphers, rows[mid], contacts[rows[mid].contact_id], atts.get(mid))
+                for ticket, mid in zip(tickets, mids, strict=False)
+            )
+        )
+    finally:
+        for ticket in tickets:
+            ticket.done()
+    accepted = [(j, res) for j, res in zip(live, outcomes, strict=True) if not isinstance(res, ChannelError)]
+    now = deps.clock.now()
+    if accepted:
+        async with deps.db.engine.begin() as conn:
+            await conn.execute(
+                update(M)
+                .where(M.c.id == bindparam("b_id"), M.c.status == "sending")
+                .values(
+                    status="accepted", external_id=bindparam("b_ext"), error_code=None, error_reason=None
+                ),
+                [{"b_id": j.payload["message_id"], "b_ext": res.external_id} for j, res in accepted],
+            )
+            await ingest.apply_pending_statuses_many(
+                conn,
+                channel_id=rt.id,
+                sends={
+                    res.external_id: (j.payload["message_id"], status_policy.MessageState(status="accepted"))
+                    for j, res in accepted
+                },
+            )
+            await finish_many(conn, [j for j, _ in accepted], state="done", now=now)
+        deps.metrics.messages.labels("out", "accepted").inc(len(accepted))
+    for job, res in zip(live, outcomes, strict=True):
+        if isinstance(res, ChannelError):
+            await _send_failed(deps, job, rows[job.payload["message_id"]], rt, res)
+    for conversation_id in sorted({rows[j.payload["message_id"]].conversation_id for j, _ in accepted}):
+        deps.bus.publish(LiveEvent(org_id=rt.org_id, type="conversation", conversation_id=conversation_id))
+
+
+_SENDABLE = ("queued", "sending")
+
+
+async def _send_one(
+    adapter: WhatsAppAdapter, ticket: Ticket, ciphers: dict[str, Any], row: Any, contact: Any, att: Any
+) -> Any:
+    """One send of a chunk: its result, or the ChannelError that ended it."""
+    try:
+        return await adapter.send(_outbound(ciphers[contact.dek_id], row, contact, att))
+    except ChannelError as err:
+        return err
+    finally:
+        ticket.done()
 
 
 async def send_message(deps: JobDeps, job: ClaimedJob) -> None:

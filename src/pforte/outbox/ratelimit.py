@@ -13,9 +13,11 @@ Two mechanisms work together:
   the jitter to stay under ``margin`` seconds; a loaded machine (a GC pause, a busy event loop)
   breaks that, and the Cloud API answers 130429.
 
-Callers hold a ``Ticket`` from ``acquire()`` and call ``ticket.done()`` as soon as the provider's
-answer (or the error) is back. ``Pacer`` is shared by the tasks of one process; ``SharedPacer``
-shares the spacing with every process on one PostgreSQL database and keeps the window per process.
+Callers hold a ``Ticket`` from ``acquire()``, or one per send from ``acquire_many(n)`` (``n``
+consecutive slots reserved at once, returning at the last of them, for a chunk of sends started
+together), and call ``ticket.done()`` as soon as the provider's answer (or the error) is back.
+``Pacer`` is shared by the tasks of one process; ``SharedPacer`` shares the spacing with every
+process on one PostgreSQL database and keeps the window per process.
 """
 
 from __future__ import annotations
@@ -108,6 +110,20 @@ class Pacer:
                 break
         return await self._window.enter()
 
+    async def acquire_many(self, n: int) -> list[Ticket]:
+        """Reserve ``n`` consecutive slots, wait for the last of them, then for room in the window
+        for each. A chunk woken late keeps its slots: in one process the window alone keeps every
+        second under the rate, and re-slotting a whole chunk wastes its slots (at 1,000/s it cost
+        a fifth of the throughput)."""
+        async with self._lock:
+            now = self._clock.monotonic()
+            first = max(now, self._next)
+            self._next = first + n * self.interval
+        last = first + (n - 1) * self.interval
+        if last > now:
+            await self._clock.sleep(last - now)
+        return [await self._window.enter() for _ in range(n)]
+
 
 _ENSURE_ROW = "INSERT INTO send_slots (channel_id, next_slot) VALUES (:c, 0) ON CONFLICT DO NOTHING"
 _RESERVE = """
@@ -131,6 +147,7 @@ class SharedPacer:
         self, channel_id: str, rate_per_s: float, db: Database, clock: Clock, margin: float = MARGIN
     ):
         self.channel_id = channel_id
+        self.margin = margin
         self.interval = (1.0 + margin) / rate_per_s
         self.block = max(1, int(rate_per_s // 20))  # about 50 ms of sends per reservation
         self._db = db
@@ -140,26 +157,17 @@ class SharedPacer:
         self._row_ready = False
         self._window = _Window(rate_per_s, clock)
 
-    async def _reserve(self) -> None:
-        span = self.block * self.interval
+    async def _reserve(self, count: int) -> list[float]:
+        """Reserve ``count`` consecutive slots on the database clock; their times on ours."""
+        span = count * self.interval
         async with self._db.engine.begin() as conn:
             if not self._row_ready:
-                await conn.execute(
-                    text(
-                        "INSERT INTO send_slots (channel_id, next_slot) VALUES (:c, 0) ON CONFLICT DO NOTHING"
-                    ),
-                    {"c": self.channel_id},
-                )
+                await conn.execute(text(_ENSURE_ROW), {"c": self.channel_id})
                 self._row_ready = True
-            row = (
-                await conn.execute(
-                    text(_RESERVE),
-                    {"c": self.channel_id, "span": span},
-                )
-            ).one()
+            row = (await conn.execute(text(_RESERVE), {"c": self.channel_id, "span": span})).one()
         local_now = self._clock.monotonic()
         start = local_now + (float(row.start) - float(row.db_now))
-        self._slots.extend(start + i * self.interval for i in range(self.block))
+        return [start + i * self.interval for i in range(count)]
 
     async def acquire(self) -> Ticket:
         """Wait for a slot reserved for this process (if woken too late, take another, at most 3
@@ -170,7 +178,7 @@ class SharedPacer:
                 while self._slots and self._slots[0] < now - LATE_TOLERANCE:
                     self._slots.popleft()
                 if not self._slots:
-                    await self._reserve()
+                    self._slots.extend(await self._reserve(self.block))
                     now = self._clock.monotonic()
                 slot = self._slots.popleft()
             if slot > now:
@@ -178,6 +186,27 @@ class SharedPacer:
             if self._clock.monotonic() - slot <= LATE_TOLERANCE:
                 break
         return await self._window.enter()
+
+    async def acquire_many(self, n: int) -> list[Ticket]:
+        """Reserve ``n`` consecutive slots with one UPDATE and wait for the last of them, then for
+        room in this process's window.
+
+        Other processes' sends are not in this window, so across processes the spacing's margin is
+        what absorbs lateness: a chunk sent ``lag`` after its last slot puts at most
+        ``(1 + span + lag) / interval`` sends into one second, under the rate while
+        ``span + lag <= MARGIN`` seconds. A chunk later than that reserves new slots, once.
+        """
+        tolerance = max(LATE_TOLERANCE, self.margin * WINDOW_S - n * self.interval)
+        for _ in range(2):
+            async with self._lock:
+                slots = await self._reserve(n)
+            last = slots[-1]
+            wait = last - self._clock.monotonic()
+            if wait > 0:
+                await self._clock.sleep(wait)
+            if self._clock.monotonic() - last <= tolerance:
+                break
+        return [await self._window.enter() for _ in range(n)]
 
 
 class RateLimits:

@@ -64,6 +64,7 @@ class PeriodicTask:
 
 NEVER = datetime(2000, 1, 1, tzinfo=UTC)
 Handler = Callable[[ClaimedJob], Awaitable[None]]
+BatchHandler = Callable[[list[ClaimedJob]], Awaitable[None]]
 StaleHandler = Callable[[AsyncConnection, ClaimedJob, datetime], Awaitable[None]]
 
 
@@ -84,6 +85,28 @@ async def mark_started(conn: AsyncConnection, job: ClaimedJob, now: datetime) ->
     """Record that a non-idempotent call is about to start; False if the lease was lost (do not call)."""
     result = await conn.execute(update(J).where(held(job)).values(started_at=now))
     return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
+async def mark_started_many(conn: AsyncConnection, jobs: list[ClaimedJob], now: datetime) -> set[str]:
+    """``mark_started`` for many jobs at once; the ids of those this worker still holds."""
+    held_ids: set[str] = set()
+    for locked_by, ids in _by_claim(jobs).items():
+        rows = await conn.execute(
+            update(J)
+            .where(J.c.id.in_(ids), J.c.state == "running", J.c.locked_by == locked_by)
+            .values(started_at=now)
+            .returning(J.c.id)
+        )
+        held_ids.update(r.id for r in rows)
+    return held_ids
+
+
+def _by_claim(jobs: list[ClaimedJob]) -> dict[str | None, list[str]]:
+    """Job ids grouped by the claim holding them (one UPDATE per claim, usually one)."""
+    out: dict[str | None, list[str]] = {}
+    for job in jobs:
+        out.setdefault(job.locked_by, []).append(job.id)
+    return out
 
 
 async def finish(
@@ -115,8 +138,24 @@ async def finish(
     await conn.execute(update(J).where(held(job)).values(**values))
 
 
+async def finish_many(conn: AsyncConnection, jobs: list[ClaimedJob], *, state: str, now: datetime) -> None:
+    """Close many jobs as ``state`` (done/failed/review) in one statement per claim."""
+    values = {"state": state, "updated_at": now, "locked_by": None, "locked_until": None, "last_error": None}
+    for locked_by, ids in _by_claim(jobs).items():
+        await conn.execute(
+            update(J)
+            .where(J.c.id.in_(ids), J.c.state == "running", J.c.locked_by == locked_by)
+            .values(**values)
+        )
+
+
 class OutboxWorker:
-    """Runs jobs with bounded concurrency until stopped."""
+    """Runs jobs with bounded concurrency until stopped.
+
+    A kind registered with ``register_batch`` gets all jobs of one claim that share a channel in
+    one call (the send path: one transaction for many messages); each job still counts against
+    ``concurrency``.
+    """
 
     def __init__(
         self,
@@ -138,16 +177,25 @@ class OutboxWorker:
         self.worker_id = f"{socket.gethostname()[:30]}:{os.getpid()}:{id(self):x}"
         self.handlers: dict[str, Handler] = {}
         self.stale_handlers: dict[str, StaleHandler] = {}
-        self._sem = asyncio.Semaphore(concurrency)
+        self.batch_handlers: dict[str, BatchHandler] = {}
+        self.concurrency = concurrency
+        self._in_flight = 0  # claimed jobs not yet finished by their handler
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._periodic: list[PeriodicTask] = []
         self._known_periodic: set[str] = set()
+        self._starved = False
 
     def register(self, kind: str, handler: Handler, on_stale: StaleHandler | None = None) -> None:
         """Attach the handler of a job kind (and what to do if a worker died while running it)."""
         self.handlers[kind] = handler
+        if on_stale:
+            self.stale_handlers[kind] = on_stale
+
+    def register_batch(self, kind: str, handler: BatchHandler, on_stale: StaleHandler | None = None) -> None:
+        """Attach a handler that takes the claimed jobs of ``kind`` for one channel together."""
+        self.batch_handlers[kind] = handler
         if on_stale:
             self.stale_handlers[kind] = on_stale
 
@@ -266,6 +314,7 @@ class OutboxWorker:
                 if self._running and self.clock.monotonic() - renewed > self.lease.total_seconds() / 3:
                     await self.renew_leases()
                     renewed = self.clock.monotonic()
+                self._wake.clear()  # a wake during the turn below is kept for the wait after it
                 n = await self.run_once(wait=False)
             except asyncio.CancelledError:
                 raise
@@ -273,7 +322,6 @@ class OutboxWorker:
                 log.warning("outbox loop error", extra={"error": type(exc).__name__})
                 n = 0
             if n == 0:
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll)
 
@@ -281,12 +329,18 @@ class OutboxWorker:
         """Recover stale jobs, claim due ones and start them; with ``wait`` also await them."""
         await self.recover_stale()
         await self.run_periodic(force=wait)
-        free = max(self._sem._value, 0)
+        free = max(self.concurrency - self._in_flight, 0)
         if free == 0:
-            await asyncio.sleep(0.01)
+            self._starved = True  # the next job to finish wakes the loop
             return 0
         jobs = await self.claim(min(free, self.batch))
-        tasks = [asyncio.create_task(self._run(j)) for j in jobs]
+        self._in_flight += len(jobs)
+        tasks = [asyncio.create_task(self._run(j)) for j in jobs if j.kind not in self.batch_handlers]
+        groups: dict[tuple[str, str | None], list[ClaimedJob]] = {}
+        for j in jobs:
+            if j.kind in self.batch_handlers:
+                groups.setdefault((j.kind, j.channel_id), []).append(j)
+        tasks += [asyncio.create_task(self._run_batch(kind, group)) for (kind, _), group in groups.items()]
         for t in tasks:
             self._running.add(t)
             t.add_done_callback(self._running.discard)
@@ -387,15 +441,34 @@ class OutboxWorker:
                     await handler(conn, job, now)
         return len(stale)
 
+    async def _run_batch(self, kind: str, jobs: list[ClaimedJob]) -> None:
+        try:
+            await self.batch_handlers[kind](jobs)
+            self.metrics.outbox_jobs.labels(kind, "ran").inc(len(jobs))
+        except Exception as exc:
+            # As for single jobs: what did not finish is left to lease expiry and recovery.
+            self.metrics.outbox_jobs.labels(kind, "crashed").inc(len(jobs))
+            log.warning("job handler error", extra={"kind": kind, "error": type(exc).__name__})
+        finally:
+            self._freed(len(jobs))
+
+    def _freed(self, n: int) -> None:
+        """Jobs finished: if the loop found no free place last time, let it claim again now."""
+        self._in_flight -= n
+        if self._starved:
+            self._starved = False
+            self.wake()
+
     async def _run(self, job: ClaimedJob) -> None:
-        async with self._sem:
-            handler = self.handlers.get(job.kind)
-            try:
-                if handler is None:
-                    raise LookupError(job.kind)
-                await handler(job)
-                self.metrics.outbox_jobs.labels(job.kind, "ran").inc()
-            except Exception as exc:
-                # A bug or an unreachable database: leave the job to lease expiry and recovery.
-                self.metrics.outbox_jobs.labels(job.kind, "crashed").inc()
-                log.warning("job handler error", extra={"kind": job.kind, "error": type(exc).__name__})
+        handler = self.handlers.get(job.kind)
+        try:
+            if handler is None:
+                raise LookupError(job.kind)
+            await handler(job)
+            self.metrics.outbox_jobs.labels(job.kind, "ran").inc()
+        except Exception as exc:
+            # A bug or an unreachable database: leave the job to lease expiry and recovery.
+            self.metrics.outbox_jobs.labels(job.kind, "crashed").inc()
+            log.warning("job handler error", extra={"kind": job.kind, "error": type(exc).__name__})
+        finally:
+            self._freed(1)

@@ -9,6 +9,9 @@ Transport failures are split by whether the request can have reached Meta:
 * connect errors and pool timeouts: the request never left -> ``ProviderUnavailableError``;
 * a timeout or broken connection after sending: on a send this is ``OutcomeUnknownError``
   (the message may be out; resending could duplicate it); on idempotent calls it is retryable.
+
+``send`` and ``mark_read`` go through a ``JsonPoster`` (aiohttp in production, see
+``transport``); the rarer media calls use httpx.
 """
 
 from __future__ import annotations
@@ -34,6 +37,13 @@ from pforte.channels.base import (
     SendResult,
     UndeliverableError,
 )
+from pforte.channels.whatsapp.transport import (
+    HttpxPoster,
+    JsonPoster,
+    TransportFailure,
+    httpx_failure,
+    httpx_json,
+)
 
 TEXT_MAX = 4096
 CAPTION_MAX = 1024
@@ -58,9 +68,6 @@ DEFAULT_RETRY_AFTER: dict[int, float] = {
     131048: 60.0,  # spam rate limit
     131057: 60.0,  # maintenance, usually under a minute
 }
-
-# The request never reached Meta: always safe to retry.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.ProxyError)
 
 
 class MediaTooLargeError(PermanentError):
@@ -90,8 +97,10 @@ class GraphClient:
         version: str,
         phone_number_id: str,
         access_token: str,
+        poster: JsonPoster | None = None,
     ) -> None:
         self._http = http
+        self._poster: JsonPoster = poster if poster is not None else HttpxPoster(http)
         self._root = f"{base_url.rstrip('/')}/{version.strip('/')}"
         self._phone_number_id = phone_number_id
         self._token = access_token
@@ -107,11 +116,8 @@ class GraphClient:
     async def send(self, msg: OutboundMessage) -> SendResult:
         """Send one message; the answer only means Meta accepted it."""
         body = build_send_body(msg)
-        data = await self._call(
-            lambda: self._http.post(
-                self._url(self._phone_number_id, "messages"), json=body, headers=self._auth()
-            ),
-            outcome_unknown_after_send=True,
+        data = await self._post_json(
+            self._url(self._phone_number_id, "messages"), body, outcome_unknown_after_send=True
         )
         messages = data.get("messages") if isinstance(data, dict) else None
         first = messages[0] if isinstance(messages, list) and messages else None
@@ -125,11 +131,7 @@ class GraphClient:
     async def mark_read(self, external_id: str) -> None:
         """Mark an inbound message (and those before it) as read."""
         body = {"messaging_product": "whatsapp", "status": "read", "message_id": external_id}
-        await self._call(
-            lambda: self._http.post(
-                self._url(self._phone_number_id, "messages"), json=body, headers=self._auth()
-            )
-        )
+        await self._post_json(self._url(self._phone_number_id, "messages"), body)
 
     # ------------------------------------------------------------------ media
 
@@ -173,7 +175,7 @@ class GraphClient:
             async with self._http.stream("GET", url, headers=self._auth(), follow_redirects=True) as resp:
                 if resp.status_code >= 300:
                     await resp.aread()
-                    raise map_error(resp.status_code, _json_or_none(resp))
+                    raise map_error(resp.status_code, httpx_json(resp))
                 declared = resp.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > max_bytes:
                     raise MediaTooLargeError("media is larger than the limit", http_status=resp.status_code)
@@ -188,7 +190,7 @@ class GraphClient:
                     chunks.append(chunk)
                 return b"".join(chunks)
         except httpx.TransportError as exc:
-            raise _transport_error(exc, outcome_unknown_after_send=False) from None
+            raise _transport_error(httpx_failure(exc), outcome_unknown_after_send=False) from None
 
     async def delete_media(self, media_id: str) -> None:
         """Delete an uploaded media object."""
@@ -208,30 +210,42 @@ class GraphClient:
         if scheme not in ("http", "https") or (self._https_only and scheme != "https"):
             raise InvalidRequestError("media url has an unacceptable scheme")
 
-    async def _call(
-        self,
-        request: Callable[[], Awaitable[httpx.Response]],
-        *,
-        outcome_unknown_after_send: bool = False,
+    async def _post_json(
+        self, url: str, body: dict[str, Any], *, outcome_unknown_after_send: bool = False
     ) -> Any:
+        try:
+            answer = await self._poster.post_json(url, body, self._auth())
+        except TransportFailure as failure:
+            raise _transport_error(failure, outcome_unknown_after_send=outcome_unknown_after_send) from None
+        return _judge(
+            answer.status,
+            answer.data,
+            answer.retry_after,
+            outcome_unknown_after_send=outcome_unknown_after_send,
+        )
+
+    async def _call(self, request: Callable[[], Awaitable[httpx.Response]]) -> Any:
         try:
             resp = await request()
         except httpx.TransportError as exc:
-            raise _transport_error(exc, outcome_unknown_after_send=outcome_unknown_after_send) from None
-        if resp.status_code >= 300:
-            raise map_error(
-                resp.status_code, _json_or_none(resp), retry_after_header=resp.headers.get("retry-after")
-            )
-        data = _json_or_none(resp)
-        if data is None:
-            if outcome_unknown_after_send:
-                raise OutcomeUnknownError(
-                    "provider answered with an unreadable body", http_status=resp.status_code
-                )
-            raise ProviderUnavailableError(
-                "provider answered with an unreadable body", http_status=resp.status_code
-            )
-        return data
+            raise _transport_error(httpx_failure(exc), outcome_unknown_after_send=False) from None
+        return _judge(
+            resp.status_code,
+            httpx_json(resp),
+            resp.headers.get("retry-after"),
+            outcome_unknown_after_send=False,
+        )
+
+
+def _judge(status: int, data: Any, retry_after: str | None, *, outcome_unknown_after_send: bool) -> Any:
+    """The parsed body of a 2xx answer; raise the matching ChannelError for anything else."""
+    if status >= 300:
+        raise map_error(status, data, retry_after_header=retry_after)
+    if data is None:
+        if outcome_unknown_after_send:
+            raise OutcomeUnknownError("provider answered with an unreadable body", http_status=status)
+        raise ProviderUnavailableError("provider answered with an unreadable body", http_status=status)
+    return data
 
 
 def build_send_body(msg: OutboundMessage) -> dict[str, Any]:
@@ -336,11 +350,10 @@ def map_error(status: int, payload: Any, *, retry_after_header: str | None = Non
     return PermanentError(detail, **kw)
 
 
-def _transport_error(exc: httpx.TransportError, *, outcome_unknown_after_send: bool) -> ChannelError:
-    name = type(exc).__name__
-    if isinstance(exc, _NOT_SENT) or not outcome_unknown_after_send:
-        return ProviderUnavailableError(f"transport failure ({name})")
-    return OutcomeUnknownError(f"transport failure after sending ({name})")
+def _transport_error(failure: TransportFailure, *, outcome_unknown_after_send: bool) -> ChannelError:
+    if not failure.sent or not outcome_unknown_after_send:
+        return ProviderUnavailableError(f"transport failure ({failure.name})")
+    return OutcomeUnknownError(f"transport failure after sending ({failure.name})")
 
 
 def _title(error: dict[str, Any]) -> str:
@@ -356,13 +369,6 @@ def _retry_after(header: str | None) -> float | None:
     except ValueError:
         return None
     return value if math.isfinite(value) and value >= 0 else None
-
-
-def _json_or_none(resp: httpx.Response) -> Any:
-    try:
-        return resp.json()
-    except ValueError:
-        return None
 
 
 def _opt_str(value: Any) -> str | None:
