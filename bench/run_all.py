@@ -42,6 +42,12 @@ SCENARIOS: dict[str, tuple[str, list[str], list[str], int]] = {
         ["--batch", "50", "--connections", "16", "--seconds", "3", "--expected-rate", "8000"],
         120,
     ),
+    "ingest_50_c4": (  # the same POSTs with 4 in flight: latency follows concurrency (Little's law)
+        "webhook_ingest.py",
+        ["--batch", "50", "--connections", "4", "--seconds", "8", "--expected-rate", "8000"],
+        ["--batch", "50", "--connections", "4", "--seconds", "3", "--expected-rate", "8000"],
+        120,
+    ),
     "ingest_1000": (
         "webhook_ingest.py",
         ["--batch", "1000", "--connections", "4", "--seconds", "8", "--expected-rate", "8000"],
@@ -52,6 +58,12 @@ SCENARIOS: dict[str, tuple[str, list[str], list[str], int]] = {
         "status_ingest.py",
         ["--batch", "1", "--connections", "64", "--seconds", "8"],
         ["--batch", "1", "--connections", "64", "--seconds", "3"],
+        120,
+    ),
+    "status_50": (  # Meta batches statuses under load (up to 1,000 per POST)
+        "status_ingest.py",
+        ["--batch", "50", "--connections", "16", "--seconds", "8", "--expected-rate", "8000"],
+        ["--batch", "50", "--connections", "16", "--seconds", "3", "--expected-rate", "8000"],
         120,
     ),
     "outbound_80": (

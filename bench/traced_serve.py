@@ -1,11 +1,12 @@
-"""``pforte serve`` with wall-clock timers around the outbound send path (diagnosis only).
+"""``pforte serve`` with wall-clock timers around the send and ingest paths (diagnosis only).
 
     PFORTE_BENCH_TRACE=/tmp/trace.json .venv/bin/python bench/traced_serve.py
 
-Wraps, at runtime and without touching src/: the whole ``send_message`` job, the pacer's
-``acquire``, the Graph API call, and every ``engine.begin()`` entry (waiting for a pooled
-connection plus BEGIN). On exit the timings (count, mean, p50/p95/p99 ms) go to the trace file.
-The outbound scenario uses it with ``--trace``.
+Wraps, at runtime and without touching src/: the send handlers (a chunk, a single send), the
+pacer, the Graph API call, the ingest writer's group transaction and its steps, every SQL
+statement's round trip (by its first words), and every ``engine.begin()`` entry (waiting for a
+pooled connection plus BEGIN). On exit the timings (count, mean, p50/p95/p99 ms) go to the trace
+file. The outbound and ingest scenarios use it with ``--trace``.
 """
 
 from __future__ import annotations
@@ -55,18 +56,36 @@ def patch() -> None:
     """Install the timers."""
     from contextlib import asynccontextmanager
 
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from pforte.channels.whatsapp import client
-    from pforte.conversations import jobs
+    from pforte.conversations import ingest, jobs
     from pforte.outbox import ratelimit
 
-    jobs.send_message = timed("send_message job (total)", jobs.send_message)
+    jobs.send_message = timed("send_message (one, with upload)", jobs.send_message)
+    jobs._send_chunk = timed("send chunk (total)", jobs._send_chunk)
     for cls_name in ("Pacer", "SharedPacer"):
         cls = getattr(ratelimit, cls_name, None)
         if cls is not None:
             cls.acquire = timed(f"{cls_name}.acquire", cls.acquire)
-    client.GraphClient._call = timed("GraphClient._call (HTTP to simulator)", client.GraphClient._call)
+            cls.acquire_many = timed(f"{cls_name}.acquire_many", cls.acquire_many)
+    client.GraphClient.send = timed("GraphClient.send (HTTP to simulator)", client.GraphClient.send)
+    ingest.IngestWriter._commit = timed("ingest group transaction (total)", ingest.IngestWriter._commit)
+    for step in ("_write_messages", "_write_statuses", "_resolve_contacts", "_resolve_conversations"):
+        if hasattr(ingest.Ingestor, step):
+            setattr(ingest.Ingestor, step, timed(f"Ingestor.{step}", getattr(ingest.Ingestor, step)))
+
+    @event.listens_for(Engine, "before_cursor_execute")
+    def _before(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        conn.info["t0"] = time.perf_counter()
+
+    @event.listens_for(Engine, "after_cursor_execute")
+    def _after(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        words = " ".join(statement.split()[:3])[:48]
+        TIMES[f"SQL {words}"].append((time.perf_counter() - conn.info.pop("t0", time.perf_counter())) * 1000)
+
     original_begin = AsyncEngine.begin
 
     @asynccontextmanager

@@ -22,13 +22,19 @@ PNID = "100000000000777"
 
 
 def run(
-    db: str, batch: int, seconds: int, connections: int, expected_rate: int, profile: str | None = None
+    db: str,
+    batch: int,
+    seconds: int,
+    connections: int,
+    expected_rate: int,
+    profile: str | None = None,
+    trace: str | None = None,
 ) -> dict[str, Any]:
     """One ingest measurement on a fresh stack."""
     ch = ChannelSpec(PNID)
     # Enough distinct bodies that wrk does not wrap around (a repeat would be a cheap duplicate).
     posts = max(int(expected_rate * seconds * 1.5 / batch), 200 if batch < 100 else 40)
-    with Stack(db, [ch]) as stack:
+    with Stack(db, [ch], trace=trace) as stack:
         tsv = write_signed((message_body(PNID, i * batch, batch) for i in range(posts)), ch.secret)
         try:
             stack.reset_rss()
@@ -66,9 +72,12 @@ def main(argv: list[str] | None = None) -> None:
         seconds={"type": int, "default": 8},
         connections={"type": int, "default": 64},
         expected_rate={"type": int, "default": 4000, "help": "updates/s to pre-sign bodies for"},
+        trace={"default": None, "help": "run bench/traced_serve.py; its timings to this JSON file"},
     )
     emit(
-        run(args.db, args.batch, args.seconds, args.connections, args.expected_rate, args.profile),
+        run(
+            args.db, args.batch, args.seconds, args.connections, args.expected_rate, args.profile, args.trace
+        ),
         args.json_out,
     )
 
