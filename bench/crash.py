@@ -18,7 +18,8 @@ is idle, and the run is checked against DESIGN invariants 4 and 5:
 * no outbound row is left queued/sending; every delivery status the simulator reported for a sent
   message shows in pforte; no webhook was given up; pforte never died on its own.
 
-There is no audit chain yet, so that part of the issue is reported as skipped.
+* the audit chain verifies (``pforte audit verify --json`` after the last stop): every entry
+  written by transactions that raced kill -9 is linked, none forked, none lost.
 
 Prints a JSON summary and exits 1 if an invariant is broken (2 if the harness itself failed).
 """
@@ -271,6 +272,31 @@ class CrashRun:
         if out.returncode != 0:
             raise HarnessError(f"pforte {args[0]} failed: {out.stderr.strip()[-500:]}")
         return out.stdout
+
+    def audit_chain(self) -> tuple[dict[str, Any], list[str]]:
+        """``pforte audit verify --json`` over every chain: a summary and the chains that fail."""
+        out = subprocess.run(
+            [PFORTE, "audit", "verify", "--json"],
+            env=self.env,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        try:
+            doc = json.loads(out.stdout)
+        except ValueError:
+            return {"ok": False}, [f"pforte audit verify gave no report (exit {out.returncode})"]
+        chains = doc.get("chains", [])
+        summary = {
+            "ok": bool(doc.get("ok")) and out.returncode == 0,
+            "chains": len(chains),
+            "entries": sum(c.get("entries") or 0 for c in chains),
+        }
+        bad = [f"{c['name']}: {c['kind']} at seq {c['first_bad_seq']}" for c in chains if not c.get("ok")]
+        if out.returncode != 0 and not bad:
+            bad = [f"pforte audit verify exited {out.returncode}"]
+        return summary, bad
 
     async def setup(self) -> None:
         """Database, simulator process, pforte configuration via the CLI, simulator registration."""
@@ -725,6 +751,8 @@ class CrashRun:
                 drained = await self.drain(engine, sim)
                 self.pforte.stop()
                 result.update(await self.verify(engine, sim))
+                chain, broken = self.audit_chain()
+                result["violations"] += [f"audit chain broken: {b}" for b in broken]
                 if not drained["idle"]:
                     result["violations"].append(f"not idle after {self.opts.drain_timeout:.0f} s: {drained}")
                 result.update(
@@ -735,7 +763,7 @@ class CrashRun:
                     startup_s_median=round(sorted(self.startup_s)[len(self.startup_s) // 2], 2),
                     load_seconds=round(load_seconds, 1),
                     drain=drained,
-                    audit_chain="skipped: pforte has no audit chain yet",
+                    audit_chain=chain,
                 )
         except StartError as exc:
             if self.pforte is not None and self.pforte.starts > 0:  # pforte would not come back

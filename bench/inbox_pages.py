@@ -46,14 +46,17 @@ def texts(rng: random.Random, count: int = 2000) -> list[str]:
 
 
 async def bulk_insert(conn: Any, table: Any, rows: list[dict[str, Any]]) -> None:
-    """Core ``insert().values`` executemany; on PostgreSQL the same rows through COPY (10× faster)."""
+    """Core ``insert().values`` executemany; on PostgreSQL the same rows through COPY (10× faster).
+
+    COPY names only the columns the rows have, so the others take their server defaults, as they
+    do in the INSERT (a later migration's NOT NULL column with a default needs nothing here)."""
     from sqlalchemy import insert
 
     if conn.dialect.name != "postgresql":
         await conn.execute(insert(table), rows)
         return
     raw = (await conn.get_raw_connection()).driver_connection
-    cols = [c.name for c in table.columns]
+    cols = [c.name for c in table.columns if c.name in rows[0]]
     await raw.copy_records_to_table(
         table.name, columns=cols, records=[tuple(r.get(c) for c in cols) for r in rows]
     )

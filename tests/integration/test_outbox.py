@@ -307,6 +307,34 @@ async def test_a_chunk_of_sends_settles_every_message_on_its_own(world):
     assert all(jobs[job_of[m].id].started_at is not None for m in mids[2:])
 
 
+async def test_a_crash_on_one_message_of_a_chunk_leaves_the_others_recorded(world, monkeypatch):
+    """An exception that is not the channel's answer (a bug) ends only its own message's send:
+    the others are recorded as accepted; its job keeps its lease and start mark, so recovery will
+    put it in review, never resend it silently."""
+    from pforte.conversations import jobs
+
+    cid = await _conversation(world)
+    mids = [await _send(world, cid, text=f"Nachricht {i}") for i in range(4)]
+    real = jobs._outbound
+
+    def broken(cipher, row, contact, att):
+        if row.id == mids[2]:
+            raise RuntimeError("bug")
+        return real(cipher, row, contact, att)
+
+    monkeypatch.setattr(jobs, "_outbound", broken)
+    worker = world.services.outbox
+    claimed = await worker.claim(10)
+    await worker.batch_handlers["send_message"](claimed)
+
+    states = [(await _message(world, m)).status for m in mids]
+    assert states[2] == "sending"
+    assert all(st in ("accepted", "sent", "delivered") for i, st in enumerate(states) if i != 2)
+    assert len(world.sim.business_messages(PNID)) == 3
+    (stuck,) = [j for j in await _jobs(world) if j.payload["message_id"] == mids[2]]
+    assert stuck.state == "running" and stuck.started_at is not None
+
+
 async def test_inbound_media_is_downloaded_checked_and_stored_encrypted(world):
     data = b"\x89PNG\r\n\x1a\n" + b"befund-bild" * 100
     await world.sim.patient_send_media(

@@ -35,6 +35,7 @@ from pforte.channels.base import (
     PermanentError,
     RateLimitedError,
     RetryableError,
+    SendResult,
 )
 from pforte.channels.service import ChannelCache, ChannelRuntime
 from pforte.channels.whatsapp.adapter import WhatsAppAdapter
@@ -72,6 +73,7 @@ MAX_SEND_ATTEMPTS = 12
 MAX_MEDIA_ATTEMPTS = 8
 DOWN_RECHECK_SECONDS = 30.0
 CHUNK_SECONDS = 0.05  # a send chunk holds this many seconds of the channel's rate (50 at 1,000/s)
+SENDABLE = ("queued", "sending")  # a message in any other state is not sent (again)
 MEDIA_DOWNLOADS = 16  # inbound media fetched at once per process (each holds a file in memory)
 
 
@@ -186,9 +188,7 @@ async def _send_chunk(
     try:
         async with deps.db.engine.begin() as conn:
             rows = {r.id: r for r in await conn.execute(select(M).where(M.c.id.in_(list(by_message))))}
-            gone = [
-                j for mid, j in by_message.items() if mid not in rows or rows[mid].status not in _SENDABLE
-            ]
+            gone = [j for mid, j in by_message.items() if mid not in rows or rows[mid].status not in SENDABLE]
             for job in gone:
                 await finish(conn, job, state="done", now=deps.clock.now(), error="nothing to send")
             live = [j for j in jobs if j not in gone]
@@ -212,12 +212,18 @@ async def _send_chunk(
             *(
                 _send_one(adapter, ticket, ciphers, rows[mid], contacts[rows[mid].contact_id], atts.get(mid))
                 for ticket, mid in zip(tickets, mids, strict=False)
-            )
+            ),
+            return_exceptions=True,
         )
     finally:
         for ticket in tickets:
             ticket.done()
-    accepted = [(j, res) for j, res in zip(live, outcomes, strict=True) if not isinstance(res, ChannelError)]
+    # A bug in one message (an exception that is not the channel's answer) must not cost the others
+    # their result: its job is left to lease expiry, and recovery puts it in review (it has started).
+    for res in outcomes:
+        if isinstance(res, BaseException) and not isinstance(res, ChannelError):
+            log.warning("send crashed", extra={"error": type(res).__name__})
+    accepted = [(j, res) for j, res in zip(live, outcomes, strict=True) if isinstance(res, SendResult)]
     now = deps.clock.now()
     if accepted:
         async with deps.db.engine.begin() as conn:
@@ -246,12 +252,9 @@ async def _send_chunk(
         deps.bus.publish(LiveEvent(org_id=rt.org_id, type="conversation", conversation_id=conversation_id))
 
 
-_SENDABLE = ("queued", "sending")
-
-
 async def _send_one(
     adapter: WhatsAppAdapter, ticket: Ticket, ciphers: dict[str, Any], row: Any, contact: Any, att: Any
-) -> Any:
+) -> SendResult | ChannelError:
     """One send of a chunk: its result, or the ChannelError that ended it."""
     try:
         return await adapter.send(_outbound(ciphers[contact.dek_id], row, contact, att))
@@ -297,7 +300,7 @@ async def send_message(deps: JobDeps, job: ClaimedJob) -> None:
     try:
         async with deps.db.engine.begin() as conn:
             row = (await conn.execute(select(M).where(M.c.id == mid))).first()
-            if row is None or row.status not in ("queued", "sending"):
+            if row is None or row.status not in SENDABLE:
                 await finish(conn, job, state="done", now=deps.clock.now(), error="nothing to send")
                 return
             if not await mark_started(conn, job, deps.clock.now()):
