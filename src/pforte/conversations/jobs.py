@@ -148,21 +148,26 @@ async def _channel_down(deps: JobDeps, rt: ChannelRuntime, err: ChannelDownError
     log.warning("channel down", extra={"channel_id": rt.id, "provider_code": err.provider_code})
 
 
+async def _requeue_while_down(deps: JobDeps, jobs: list[ClaimedJob]) -> None:
+    """The channel is down: put the jobs back, without counting an attempt, to look again later."""
+    async with deps.db.engine.begin() as conn:
+        for job in jobs:
+            await finish(
+                conn,
+                job,
+                state="queued",
+                now=deps.clock.now(),
+                error="channel down",
+                retry_in=DOWN_RECHECK_SECONDS,
+                keep_attempt=False,
+            )
+
+
 async def send_messages(deps: JobDeps, jobs: list[ClaimedJob]) -> None:
     """Send the claimed send jobs of one channel: files one by one, the rest in paced chunks."""
     rt = await deps.channels.get(deps.db.sessionmaker, jobs[0].channel_id or "")
     if rt.state != "UP":
-        async with deps.db.engine.begin() as conn:
-            for job in jobs:
-                await finish(
-                    conn,
-                    job,
-                    state="queued",
-                    now=deps.clock.now(),
-                    error="channel down",
-                    retry_in=DOWN_RECHECK_SECONDS,
-                    keep_attempt=False,
-                )
+        await _requeue_while_down(deps, jobs)
         return
     pacer = deps.limits.for_channel(rt.id, rt.rate_limit_per_s)
     plain = [j for j in jobs if not j.payload.get("upload")]
@@ -275,16 +280,7 @@ async def send_message(deps: JobDeps, job: ClaimedJob) -> None:
     # Never hold a connection while another is opened (the channel cache may query): look up first.
     rt = await deps.channels.get(deps.db.sessionmaker, job.channel_id or "")
     if rt.state != "UP":
-        async with deps.db.engine.begin() as conn:
-            await finish(
-                conn,
-                job,
-                state="queued",
-                now=deps.clock.now(),
-                error="channel down",
-                retry_in=DOWN_RECHECK_SECONDS,
-                keep_attempt=False,
-            )
+        await _requeue_while_down(deps, [job])
         return
     adapter = deps.adapter(rt)
     pacer = deps.limits.for_channel(rt.id, rt.rate_limit_per_s)
