@@ -21,6 +21,8 @@ Error tree (machine-readable ``code`` on every class; the provider's own code in
 
 from __future__ import annotations
 
+import base64
+import binascii
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -238,3 +240,22 @@ class ChannelDownError(ChannelError):
     """Credentials or permissions fail: the whole channel is unusable until an admin acts."""
 
     code = "channel_down"
+
+
+def decode_sha256(value: str | None) -> bytes | None:
+    """A SHA-256 as providers announce it (hex, or standard or URL-safe base64 with or without
+    padding) as 32 bytes; None if it is neither."""
+    if not value:
+        return None
+    value = value.strip()
+    if len(value) == 64:
+        try:
+            return bytes.fromhex(value)
+        except ValueError:
+            pass
+    padded = value.replace("-", "+").replace("_", "/") + "=" * (-len(value) % 4)
+    try:
+        digest = base64.b64decode(padded, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return digest if len(digest) == 32 else None

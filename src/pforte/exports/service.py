@@ -69,8 +69,6 @@ them, and a copy that leaves the system should carry no more personal data than 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hashlib
 import io
 import json
@@ -88,6 +86,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from pforte import documents
 from pforte.audit import service as audit
 from pforte.audit.service import Actor
+from pforte.channels.base import decode_sha256
 from pforte.channels.models import Channel
 from pforte.contacts.export import INLINE_IMAGES, safe_filename
 from pforte.contacts.models import Contact
@@ -157,24 +156,6 @@ def _iso(dt: datetime | None) -> str | None:
 def json_bytes(doc: Any) -> bytes:
     """The JSON encoding every file of the archive uses (UTF-8, non-ASCII kept, indented)."""
     return json.dumps(doc, ensure_ascii=False, indent=1).encode()
-
-
-def decode_digest(value: str | None) -> bytes | None:
-    """A SHA-256 given as hex or (standard or URL-safe) base64, as 32 bytes; None if it is neither."""
-    if not value:
-        return None
-    value = value.strip()
-    if len(value) == 64:
-        try:
-            return bytes.fromhex(value)
-        except ValueError:
-            pass
-    padded = value.replace("-", "+").replace("_", "/") + "=" * (-len(value) % 4)
-    try:
-        digest = base64.b64decode(padded, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    return digest if len(digest) == 32 else None
 
 
 def day_range(
@@ -253,7 +234,7 @@ def _read_files(blobs: BlobStore, cipher: FieldCipher, files: list[_File]) -> No
             )
             f.state = "unreadable"
             continue
-        declared = decode_digest(a.expected_sha256)
+        declared = decode_sha256(a.expected_sha256)
         if declared is not None and hashlib.sha256(f.data).digest() != declared:
             raise ExportIntegrityError(
                 f"attachment {a.id} of message {a.message_id}: the stored file no longer matches the "

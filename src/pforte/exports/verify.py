@@ -36,6 +36,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from pforte.channels.base import decode_sha256
 from pforte.conversations import parts as parts_policy
 from pforte.crypto import signing
 from pforte.exports.service import (
@@ -48,7 +49,6 @@ from pforte.exports.service import (
     SIGNATURE_FORMAT,
     TRANSCRIPT,
     VERSION,
-    decode_digest,
 )
 from pforte.staff.models import StaffUser
 
@@ -395,7 +395,7 @@ def _check_attachments(
         sha, size = found
         if sha != a["sha256"] or size != a["size"]:
             c.problem(f"{label}: attachment {aid} ({path}) does not match its SHA-256 and size")
-        declared = decode_digest(a.get("media_sha256"))
+        declared = decode_sha256(a.get("media_sha256"))
         if declared is not None and declared.hex() != sha:
             c.problem(f"{label}: attachment {aid} ({path}) does not match the SHA-256 its message declared")
     return included

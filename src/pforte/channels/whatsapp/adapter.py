@@ -6,12 +6,10 @@ swapped download is never stored as the patient's file.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 
-from pforte.channels.base import MediaRef, OutboundMessage, PermanentError, SendResult
+from pforte.channels.base import MediaRef, OutboundMessage, PermanentError, SendResult, decode_sha256
 from pforte.channels.whatsapp.client import GraphClient, MediaTooLargeError
 
 DEFAULT_MIME_TYPE = "application/octet-stream"
@@ -73,22 +71,6 @@ class WhatsAppAdapter:
 
 def check_sha256(data: bytes, expected: str) -> None:
     """Raise MediaIntegrityError unless ``data`` hashes to ``expected`` (base64 or hex)."""
-    want = _decode_digest(expected)
+    want = decode_sha256(expected)
     if want is None or not hmac.compare_digest(hashlib.sha256(data).digest(), want):
         raise MediaIntegrityError("media checksum does not match")
-
-
-def _decode_digest(value: str) -> bytes | None:
-    value = value.strip()
-    if len(value) == 64:
-        try:
-            return bytes.fromhex(value)
-        except ValueError:
-            pass
-    # Meta sends standard base64; accept the URL-safe alphabet and missing padding as well.
-    padded = value.replace("-", "+").replace("_", "/") + "=" * (-len(value) % 4)
-    try:
-        digest = base64.b64decode(padded, validate=True)
-    except (binascii.Error, ValueError):
-        return None
-    return digest if len(digest) == 32 else None
