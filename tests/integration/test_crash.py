@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 CRASH_PY = Path(__file__).resolve().parents[2] / "bench" / "crash.py"
 
 
@@ -25,6 +27,7 @@ def _harness() -> ModuleType:
     return module
 
 
+@pytest.mark.dsk("II.2", "I.11")
 def test_crash_harness_kill9_under_load(db_kind: str, tmp_path: Path) -> None:
     crash = _harness()
     result = crash.crash_run(

@@ -271,6 +271,7 @@ async def test_sends_are_paced_to_the_channel_rate_without_rate_limit_errors(wor
     assert all(j.attempts == 1 and j.state == "done" for j in await _jobs(world))
 
 
+@pytest.mark.dsk("II.2")
 async def test_a_chunk_of_sends_settles_every_message_on_its_own(world):
     """The worker hands the claimed sends of a channel over together; within one chunk a message
     that is no longer sendable is skipped, a job whose lease another runner took is left alone,
