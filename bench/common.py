@@ -65,6 +65,28 @@ def percentiles(values: Sequence[float], ps: Iterable[int] = (50, 95, 99)) -> di
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc children lists), in start order."""
+    out: list[int] = []
+    try:
+        children = [
+            int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()
+        ]
+    except OSError:
+        return out
+    for child in sorted(children):
+        out += [child, *descendants(child)]
+    return out
+
+
+def cmdline(pid: int) -> bytes:
+    """A process's command line (NUL-separated), empty once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def peak_rss_mb(pid: int) -> float:
     """VmHWM (peak resident set) of a process, in MB."""
     try:
@@ -310,6 +332,7 @@ class Stack:
     org_id: str = ""
     user_id: str = ""
     trace: str | None = None  # run bench/traced_serve.py instead of pforte serve, timings to this file
+    workers: int = 1  # pforte serve --workers N (PostgreSQL): N app processes under one supervisor
 
     # setup
 
@@ -406,7 +429,7 @@ class Stack:
         """Start ``pforte serve`` and wait until it is ready."""
         self.log_path = self.data / "pforte.log"
         with self.log_path.open("ab") as log:  # a file, never a pipe nobody reads (it would fill and block)
-            cmd = [PFORTE, "serve", "--no-migrate"]
+            cmd = [PFORTE, "serve", "--no-migrate", "--workers", str(self.workers)]
             env = self.env
             if self.trace:
                 cmd, env = (
@@ -472,9 +495,22 @@ class Stack:
 
     # measurement helpers
 
+    def app_pids(self) -> dict[str, int]:
+        """pforte's processes by name: "pforte", or with workers the supervisor and each worker."""
+        if not self.proc:
+            return {}
+        if self.workers == 1:
+            return {"pforte": self.proc.pid}
+        return {"pforte-supervisor": self.proc.pid} | {
+            f"pforte-worker-{n}": pid
+            for n, pid in enumerate(
+                (p for p in descendants(self.proc.pid) if b"resource_tracker" not in cmdline(p)), 1
+            )
+        }
+
     def rss(self) -> dict[str, float]:
-        """Peak RSS (VmHWM) of pforte and the simulator, MB."""
-        out = {"pforte": peak_rss_mb(self.proc.pid) if self.proc else 0.0}
+        """Peak RSS (VmHWM) of each pforte process and the simulator, MB."""
+        out = {name: peak_rss_mb(pid) for name, pid in self.app_pids().items()} or {"pforte": 0.0}
         if self.sim_proc:
             out["simulator"] = peak_rss_mb(self.sim_proc.pid)
         return out
@@ -504,13 +540,12 @@ class Stack:
 
     def reset_rss(self) -> None:
         """Start a new peak for each process, and a new CPU-time mark (see ``cpu``)."""
-        for p in (self.proc, self.sim_proc):
-            if p:
-                reset_peak_rss(p.pid)
+        for pid in [*self.app_pids().values(), *([self.sim_proc.pid] if self.sim_proc else [])]:
+            reset_peak_rss(pid)
         self._cpu_mark = (time.monotonic(), self._cpu_now())
 
     def _cpu_now(self) -> dict[str, float]:
-        out = {"pforte": cpu_seconds(self.proc.pid) if self.proc else 0.0}
+        out = {name: cpu_seconds(pid) for name, pid in self.app_pids().items()} or {"pforte": 0.0}
         if self.sim_proc:
             out["simulator"] = cpu_seconds(self.sim_proc.pid)
         return out

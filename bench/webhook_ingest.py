@@ -29,12 +29,13 @@ def run(
     expected_rate: int,
     profile: str | None = None,
     trace: str | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """One ingest measurement on a fresh stack."""
     ch = ChannelSpec(PNID)
     # Enough distinct bodies that wrk does not wrap around (a repeat would be a cheap duplicate).
     posts = max(int(expected_rate * seconds * 1.5 / batch), 200 if batch < 100 else 40)
-    with Stack(db, [ch], trace=trace) as stack:
+    with Stack(db, [ch], trace=trace, workers=workers) as stack:
         tsv = write_signed((message_body(PNID, i * batch, batch) for i in range(posts)), ch.secret)
         try:
             stack.reset_rss()
@@ -51,6 +52,7 @@ def run(
         "db": db,
         "batch": batch,
         "connections": connections,
+        "workers": workers,
         "seconds": seconds,
         "posts_prepared": posts,
         "updates_per_s": round(wrk["requests_per_s"] * batch),
@@ -73,10 +75,18 @@ def main(argv: list[str] | None = None) -> None:
         connections={"type": int, "default": 64},
         expected_rate={"type": int, "default": 4000, "help": "updates/s to pre-sign bodies for"},
         trace={"default": None, "help": "run bench/traced_serve.py; its timings to this JSON file"},
+        workers={"type": int, "default": 1, "help": "pforte serve --workers (PostgreSQL only)"},
     )
     emit(
         run(
-            args.db, args.batch, args.seconds, args.connections, args.expected_rate, args.profile, args.trace
+            args.db,
+            args.batch,
+            args.seconds,
+            args.connections,
+            args.expected_rate,
+            args.profile,
+            args.trace,
+            args.workers,
         ),
         args.json_out,
     )

@@ -14,10 +14,16 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import DateTime, MetaData, Table, event
+from sqlalchemy import ColumnElement, DateTime, MetaData, Table, any_, bindparam, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
 
@@ -81,6 +87,79 @@ def table_of(model: type[Base]) -> Table:
 def upsert_insert(dialect_name: str, table: Any) -> Any:
     """A dialect-specific INSERT that supports ON CONFLICT on SQLite and PostgreSQL."""
     return (postgresql.insert if dialect_name == "postgresql" else sqlite.insert)(table)
+
+
+def any_of(dialect_name: str, col: Any, values: Any) -> ColumnElement[bool]:
+    """``col IN values`` for a list of any length.
+
+    On PostgreSQL it is ``col = ANY(one array parameter)``: the statement's text does not depend
+    on the number of values, so asyncpg prepares it once. An IN list renders one placeholder per
+    value, and each new length is a new statement for the server to parse and plan (the hot path
+    sees every length from 1 to a few hundred). SQLite keeps the plain IN list.
+    """
+    values = list(values)
+    if dialect_name == "postgresql":
+        return cast(
+            ColumnElement[bool], col == any_(bindparam(None, values, type_=postgresql.ARRAY(col.type)))
+        )
+    return cast(ColumnElement[bool], col.in_(values))
+
+
+_BULK_SQL: dict[tuple[str, tuple[str, ...], tuple[str, ...], str | None], tuple[str, list[Any]]] = {}
+
+
+async def bulk_insert(
+    conn: AsyncConnection,
+    table: Table,
+    rows: list[dict[str, Any]],
+    *,
+    conflict: tuple[str, ...] = (),
+    returning: str | None = None,
+) -> list[Any]:
+    """INSERT ``rows`` (dicts with the same keys) in one statement; ``conflict`` names a unique key
+    whose duplicates are skipped (ON CONFLICT DO NOTHING). Returns the ``returning`` column of the
+    rows actually inserted, else ``[]``.
+
+    On PostgreSQL the rows travel column-wise, one array parameter per column, and the statement is
+    ``INSERT … SELECT * FROM unnest($1::type[], …)``: its text is the same for 1 or 1,000 rows, so
+    it is prepared once per connection. SQLAlchemy's multi-row VALUES sends one placeholder per
+    cell (15,000 for 550 messages) in a text that changes with the row count; measured on the
+    messages table, 550 rows: 17 ms against 34–59 ms. SQLite keeps the Core INSERT.
+    """
+    if not rows:
+        return []
+    dialect = conn.dialect
+    if dialect.name != "postgresql":
+        ins = upsert_insert(dialect.name, table)
+        if conflict:
+            ins = ins.on_conflict_do_nothing(index_elements=list(conflict))
+        if returning is None:
+            await conn.execute(ins, rows)
+            return []
+        return [r[0] for r in await conn.execute(ins.returning(table.c[returning]), rows)]
+    cols = tuple(rows[0])
+    key = (table.name, cols, conflict, returning)
+    cached = _BULK_SQL.get(key)
+    if cached is None:
+        # Every name is looked up in the Table (KeyError otherwise) and quoted: no outside text.
+        quote = dialect.identifier_preparer.quote
+        types = [table.c[c].type.dialect_impl(dialect) for c in cols]
+        names = ", ".join(quote(table.c[c].name) for c in cols)
+        casts = ", ".join(f"${i}::{t.compile(dialect=dialect)}[]" for i, t in enumerate(types, 1))
+        sql = f"INSERT INTO {quote(table.name)} ({names}) SELECT * FROM unnest({casts})"  # noqa: S608
+        if conflict:
+            sql += f" ON CONFLICT ({', '.join(quote(table.c[c].name) for c in conflict)}) DO NOTHING"
+        if returning:
+            sql += f" RETURNING {quote(table.c[returning].name)}"
+        cached = (sql, [t.bind_processor(dialect) for t in types])
+        _BULK_SQL[key] = cached
+    sql, procs = cached
+    params = tuple(
+        [proc(r[c]) for r in rows] if proc else [r[c] for r in rows]
+        for c, proc in zip(cols, procs, strict=True)
+    )
+    result = await conn.exec_driver_sql(sql, params)
+    return [r[0] for r in result] if returning else []
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

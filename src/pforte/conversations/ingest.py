@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, func, insert, or_, select, tuple_, update
+from sqlalchemy import and_, bindparam, case, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pforte.audit import service as audit
@@ -42,7 +42,7 @@ from pforte.crypto.blind_index import blind_index
 from pforte.crypto.envelope import FieldCipher
 from pforte.crypto.keys import KeyService
 from pforte.crypto.models import DataKey
-from pforte.db import Database, new_id, table_of, upsert_insert
+from pforte.db import Database, any_of, bulk_insert, new_id, table_of
 from pforte.errors import ServiceUnavailable
 from pforte.events import EventBus, LiveEvent
 from pforte.metrics import Metrics
@@ -82,6 +82,17 @@ class _Item:
 
 
 @dataclass(slots=True)
+class _Txn:
+    """What one group's transaction gathers on its way (several writers may run at once)."""
+
+    now: datetime
+    dialect: str
+    events: set[tuple[str, str]] = field(default_factory=set)
+    privacy_state: dict[str, tuple[str, int | None]] = field(default_factory=dict)  # contact -> state
+    conv_updates: dict[str, dict[str, Any]] = field(default_factory=dict)  # conversation -> counters
+
+
+@dataclass(slots=True)
 class _OrgKeys:
     index_key: bytes  # rotation re-wraps, the plaintext stays; the KEK id is deliberately not cached
 
@@ -94,7 +105,6 @@ class Ingestor:
         self.clock = clock
         self.audit_receipts = audit_receipts
         self._org_keys: dict[str, _OrgKeys] = {}
-        self._privacy_state: dict[str, tuple[str, int | None]] = {}  # contact -> (consent, notice sent)
 
     async def _org(self, conn: AsyncConnection, org_id: str) -> _OrgKeys:
         hit = self._org_keys.get(org_id)
@@ -131,10 +141,7 @@ class Ingestor:
 
     async def write(self, conn: AsyncConnection, items: list[_Item]) -> list[LiveEvent]:
         """Persist every item's messages and statuses; return the live events to publish."""
-        now = self.clock.now()
-        dialect = conn.dialect.name
-        events: set[tuple[str, str]] = set()
-        self._privacy_state.clear()
+        tx = _Txn(now=self.clock.now(), dialect=conn.dialect.name)
         for it in items:
             it.result = IngestResult()  # a retried group starts counting afresh
         # Messages first: contacts -> conversations -> rows.
@@ -143,13 +150,16 @@ class Ingestor:
             for m in it.batch.messages:
                 by_org[it.channel.org_id].append((it, m))
         for org_id, pairs in by_org.items():
-            await self._write_messages(conn, dialect, org_id, pairs, now, events)
+            await self._write_messages(conn, tx, org_id, pairs)
         statuses = [(it, s) for it in items for s in it.batch.statuses]
         if statuses:
-            await self._write_statuses(conn, dialect, statuses, now, events)
+            await self._write_statuses(conn, tx.dialect, statuses, tx.now, tx.events)
+        # Row locks that other writers wait for come last, so each is held only until the commit:
+        # the conversations' counters (in id order), then the audit chain's head.
+        await self._update_conversations(conn, tx)
         if self.audit_receipts:
-            await self._audit_receipts(conn, items, now)
-        return [LiveEvent(org_id=o, type="conversation", conversation_id=c) for o, c in sorted(events)]
+            await self._audit_receipts(conn, items, tx.now)
+        return [LiveEvent(org_id=o, type="conversation", conversation_id=c) for o, c in sorted(tx.events)]
 
     async def _audit_receipts(self, conn: AsyncConnection, items: list[_Item], now: datetime) -> None:
         """One audit entry per organisation for what this transaction stored (DSK II.2: what arrived
@@ -177,18 +187,30 @@ class Ingestor:
             )
 
     async def _resolve_contacts(
-        self, conn: AsyncConnection, dialect: str, org_id: str, msgs: list[InboundMessage], now: datetime
+        self,
+        conn: AsyncConnection,
+        tx: _Txn,
+        org_id: str,
+        msgs: list[InboundMessage],
+        *,
+        locked: bool = False,
     ) -> dict[str, tuple[str, str]]:
-        """Map sender key -> (contact id, dek id), creating contacts where new."""
+        """Map sender key -> (contact id, dek id), creating contacts where new.
+
+        Creating contacts is serialised per organisation on PostgreSQL (a transaction-scoped
+        advisory lock, then a second look): writers of other groups or processes may meet the same
+        new patient, and a patient known only by phone number has no unique key to collide on.
+        """
+        dialect, now = tx.dialect, tx.now
         ok = await self._org(conn, org_id)
         senders = {m.sender.key: m.sender for m in msgs}
         bsuid_ix = {k: blind_index(ok.index_key, "bsuid", s.user_id) for k, s in senders.items() if s.user_id}
         phone_ix = {k: blind_index(ok.index_key, "phone", s.wa_id) for k, s in senders.items() if s.wa_id}
         conds = []
         if bsuid_ix:
-            conds.append(C.c.bsuid_index.in_(set(bsuid_ix.values())))
+            conds.append(any_of(dialect, C.c.bsuid_index, set(bsuid_ix.values())))
         if phone_ix:
-            conds.append(C.c.phone_index.in_(set(phone_ix.values())))
+            conds.append(any_of(dialect, C.c.phone_index, set(phone_ix.values())))
         found: dict[str, tuple[str, str]] = {}
         if not conds:
             return found
@@ -229,8 +251,13 @@ class Ingestor:
                         )
             if r is not None:
                 found[k] = (r.id, r.dek_id)
-                self._privacy_state[r.id] = (r.consent_state, r.notice_version_sent)
+                tx.privacy_state[r.id] = (r.consent_state, r.notice_version_sent)
                 continue
+            if dialect == "postgresql" and not locked:
+                await conn.execute(
+                    select(func.pg_advisory_xact_lock(func.hashtext("pforte.contacts:" + org_id)))
+                )
+                return await self._resolve_contacts(conn, tx, org_id, msgs, locked=True)
             kek_id = kek_id or await self._kek_id(conn, org_id)
             key_row, key = self.keys.new_data_key(org_id=org_id, kek_id=kek_id, purpose="contact", now=now)
             plain[key_row["id"]] = key
@@ -254,7 +281,7 @@ class Ingestor:
                 }
             )
             found[k] = (cid, key_row["id"])
-            self._privacy_state[cid] = ("none", None)
+            tx.privacy_state[cid] = ("none", None)
         if adopt:
             ciphers = await self.keys.ciphers(conn, {a["b_dek"] for a in adopt})
             for a in adopt:
@@ -266,15 +293,17 @@ class Ingestor:
                 [{k: v for k, v in a.items() if k in ("b_id", "b_index", "b_enc")} for a in adopt],
             )
         if new_contacts:
-            await conn.execute(insert(DK), new_keys)
+            await bulk_insert(conn, DK, new_keys)
             await self._fence_kek(conn, org_id, kek_id, plain)
-            ins = upsert_insert(dialect, C).on_conflict_do_nothing(index_elements=["org_id", "bsuid_index"])
-            inserted = {r.id for r in await conn.execute(ins.returning(C.c.id), new_contacts)}
+            inserted = set(
+                await bulk_insert(conn, C, new_contacts, conflict=("org_id", "bsuid_index"), returning="id")
+            )
             lost = [c for c in new_contacts if c["id"] not in inserted]
             if lost:  # another process created the same BSUID contact meanwhile: use theirs
                 winners = await conn.execute(
                     select(C.c.id, C.c.dek_id, C.c.bsuid_index).where(
-                        C.c.org_id == org_id, C.c.bsuid_index.in_([c["bsuid_index"] for c in lost])
+                        C.c.org_id == org_id,
+                        any_of(dialect, C.c.bsuid_index, [c["bsuid_index"] for c in lost]),
                     )
                 )
                 theirs = {r.bsuid_index: (r.id, r.dek_id) for r in winners}
@@ -287,10 +316,17 @@ class Ingestor:
         self, conn: AsyncConnection, dialect: str, org_id: str, pairs: set[tuple[str, str]], now: datetime
     ) -> dict[tuple[str, str], str]:
         """Map (channel id, contact id) -> conversation id, creating where new."""
+        # Contacts and channels each as one list (see any_of); the few extra pairs are dropped here.
         q = select(CONV.c.id, CONV.c.channel_id, CONV.c.contact_id).where(
-            tuple_(CONV.c.channel_id, CONV.c.contact_id).in_(list(pairs))
+            any_of(dialect, CONV.c.contact_id, {ct for _, ct in pairs}),
+            any_of(dialect, CONV.c.channel_id, {ch for ch, _ in pairs}),
         )
-        found = {(r.channel_id, r.contact_id): r.id for r in await conn.execute(q)}
+
+        async def lookup() -> dict[tuple[str, str], str]:
+            rows = await conn.execute(q)
+            return {(r.channel_id, r.contact_id): r.id for r in rows if (r.channel_id, r.contact_id) in pairs}
+
+        found = await lookup()
         missing = [p for p in pairs if p not in found]
         if missing:
             rows = [
@@ -308,22 +344,14 @@ class Ingestor:
                 }
                 for ch, ct in missing
             ]
-            ins = upsert_insert(dialect, CONV).on_conflict_do_nothing(
-                index_elements=["channel_id", "contact_id"]
-            )
-            await conn.execute(ins, rows)
-            found.update({(r.channel_id, r.contact_id): r.id for r in await conn.execute(q)})
+            await bulk_insert(conn, CONV, rows, conflict=("channel_id", "contact_id"))
+            found.update(await lookup())
         return found
 
     async def _write_messages(
-        self,
-        conn: AsyncConnection,
-        dialect: str,
-        org_id: str,
-        pairs: list[tuple[_Item, InboundMessage]],
-        now: datetime,
-        events: set[tuple[str, str]],
+        self, conn: AsyncConnection, tx: _Txn, org_id: str, pairs: list[tuple[_Item, InboundMessage]]
     ) -> None:
+        dialect, now = tx.dialect, tx.now
         # Drop in-batch duplicates and ones already stored before touching contacts.
         seen: set[tuple[str, str]] = set()
         fresh: list[tuple[_Item, InboundMessage]] = []
@@ -340,7 +368,9 @@ class Ingestor:
             by_channel[it.channel.id].append(m.external_id)
         for ch_id, ext_ids in by_channel.items():
             stored = await conn.execute(
-                select(M.c.external_id).where(M.c.channel_id == ch_id, M.c.external_id.in_(ext_ids))
+                select(M.c.external_id).where(
+                    M.c.channel_id == ch_id, any_of(dialect, M.c.external_id, ext_ids)
+                )
             )
             existing.update((ch_id, r.external_id) for r in stored)
         todo = []
@@ -351,7 +381,7 @@ class Ingestor:
                 todo.append((it, m))
         if not todo:
             return
-        contacts = await self._resolve_contacts(conn, dialect, org_id, [m for _, m in todo], now)
+        contacts = await self._resolve_contacts(conn, tx, org_id, [m for _, m in todo])
         convs = await self._resolve_conversations(
             conn, dialect, org_id, {(it.channel.id, contacts[m.sender.key][0]) for it, m in todo}, now
         )
@@ -408,23 +438,23 @@ class Ingestor:
                 }
             )
             owners[mid] = (it, m, cipher, contact_id)
-        ins = upsert_insert(dialect, M).on_conflict_do_nothing(index_elements=["channel_id", "external_id"])
-        inserted = {r.id for r in await conn.execute(ins.returning(M.c.id), rows)}
+        inserted = set(
+            await bulk_insert(conn, M, rows, conflict=("channel_id", "external_id"), returning="id")
+        )
         attachments, jobs = [], []
-        conv_updates: dict[str, dict[str, Any]] = {}
         for row in rows:
             it, m, cipher, contact_id = owners[row["id"]]
             if row["id"] not in inserted:
                 it.result.duplicates += 1  # a concurrent writer stored it first
                 continue
             it.result.accepted += 1
-            cu = conv_updates.setdefault(
+            cu = tx.conv_updates.setdefault(
                 row["conversation_id"], {"n": 0, "ts": m.timestamp, "last": row["id"]}
             )
             cu["n"] += 1
             if m.timestamp >= cu["ts"]:
                 cu["ts"], cu["last"] = m.timestamp, row["id"]
-            events.add((org_id, row["conversation_id"]))
+            tx.events.add((org_id, row["conversation_id"]))
             if m.media and m.type in MEDIA_TYPES:
                 aid = new_id()
                 attachments.append(
@@ -447,44 +477,45 @@ class Ingestor:
                     }
                 )
                 jobs.append(_job_row(org_id, "download_media", it.channel.id, {"attachment_id": aid}, now))
-        jobs += await self._privacy_jobs(conn, org_id, rows, inserted, owners, now)
-        if attachments:
-            await conn.execute(insert(A), attachments)
-        if jobs:
-            await conn.execute(insert(J), jobs)
-        if conv_updates:
-            params = [
-                {"c_id": cid, "c_n": v["n"], "c_ts": v["ts"], "c_last": v["last"]}
-                for cid, v in sorted(conv_updates.items())
-            ]
-            await conn.execute(
-                update(CONV)
-                .where(CONV.c.id == bindparam("c_id"))
-                .values(
-                    unread_count=CONV.c.unread_count + bindparam("c_n"),
-                    last_activity_at=now,
-                    last_message_id=bindparam("c_last"),
+        jobs += await self._privacy_jobs(conn, tx, org_id, rows, inserted, owners)
+        await bulk_insert(conn, A, attachments)
+        await bulk_insert(conn, J, jobs)
+
+    async def _update_conversations(self, conn: AsyncConnection, tx: _Txn) -> None:
+        """Unread count, last activity, last message and last inbound time of every conversation
+        that got new messages; one statement per conversation, in id order (the order rows are
+        locked in, the same in every writer)."""
+        if not tx.conv_updates:
+            return
+        await conn.execute(
+            update(CONV)
+            .where(CONV.c.id == bindparam("c_id"))
+            .values(
+                unread_count=CONV.c.unread_count + bindparam("c_n"),
+                last_activity_at=tx.now,
+                last_message_id=bindparam("c_last"),
+                last_inbound_at=case(
+                    (
+                        or_(CONV.c.last_inbound_at.is_(None), CONV.c.last_inbound_at < bindparam("c_ts")),
+                        bindparam("c_ts"),
+                    ),
+                    else_=CONV.c.last_inbound_at,
                 ),
-                params,
-            )
-            await conn.execute(
-                update(CONV)
-                .where(
-                    CONV.c.id == bindparam("c_id"),
-                    or_(CONV.c.last_inbound_at.is_(None), CONV.c.last_inbound_at < bindparam("c_ts")),
-                )
-                .values(last_inbound_at=bindparam("c_ts")),
-                [{"c_id": p["c_id"], "c_ts": p["c_ts"]} for p in params],
-            )
+            ),
+            [
+                {"c_id": cid, "c_n": v["n"], "c_ts": v["ts"], "c_last": v["last"]}
+                for cid, v in sorted(tx.conv_updates.items())
+            ],
+        )
 
     async def _privacy_jobs(
         self,
         conn: AsyncConnection,
+        tx: _Txn,
         org_id: str,
         rows: list[dict[str, Any]],
         inserted: set[str],
         owners: dict[str, Any],
-        now: datetime,
     ) -> list[dict[str, Any]]:
         """One ``privacy_reply`` job per conversation whose new messages may need a privacy answer."""
         org_row = (
@@ -505,7 +536,7 @@ class Ingestor:
             if row["id"] not in inserted:
                 continue
             _, m, _, contact_id = owners[row["id"]]
-            consent, notice_sent = self._privacy_state.get(contact_id, ("none", None))
+            consent, notice_sent = tx.privacy_state.get(contact_id, ("none", None))
             if privacy_policy.may_concern_privacy(
                 text=m.text, type_=m.type, org=cfg, consent_state=consent, notice_version_sent=notice_sent
             ):
@@ -517,7 +548,7 @@ class Ingestor:
                 "privacy_reply",
                 channel_of[conv_id],
                 {"conversation_id": conv_id, "message_ids": ids},
-                now,
+                tx.now,
             )
             for conv_id, ids in sorted(wanted.items())
         ]
@@ -546,7 +577,9 @@ class Ingestor:
                     M.c.delivered_at,
                     M.c.read_at,
                     M.c.failed_at,
-                ).where(M.c.channel_id == ch_id, M.c.external_id.in_(list(ext_ids)), M.c.direction == "out")
+                ).where(
+                    M.c.channel_id == ch_id, any_of(dialect, M.c.external_id, ext_ids), M.c.direction == "out"
+                )
             )
             for r in rows:
                 current[(ch_id, r.external_id)] = dict(r._mapping)
@@ -587,11 +620,7 @@ class Ingestor:
             cur.update(delta)
             changed.setdefault(cur["id"], {}).update(delta)
             events.add((cur["org_id"], cur["conversation_id"]))
-        if pending:
-            ins = upsert_insert(dialect, PS).on_conflict_do_nothing(
-                index_elements=["channel_id", "external_id", "status"]
-            )
-            await conn.execute(ins, pending)
+        await bulk_insert(conn, PS, pending, conflict=("channel_id", "external_id", "status"))
         await apply_changes(conn, changed)
 
 
@@ -695,7 +724,7 @@ async def apply_pending_statuses_many(
     rows = (
         await conn.execute(
             select(PS)
-            .where(and_(PS.c.channel_id == channel_id, PS.c.external_id.in_(list(sends))))
+            .where(PS.c.channel_id == channel_id, any_of(conn.dialect.name, PS.c.external_id, sends))
             .order_by(PS.c.provider_ts)
         )
     ).all()
@@ -768,7 +797,14 @@ async def reconcile_pending_statuses(conn: AsyncConnection, *, limit: int = 500)
 
 
 class IngestWriter:
-    """Group commit: one writer task, one transaction per few-millisecond window."""
+    """Group commit: one writer task, one transaction per few-millisecond window.
+
+    Several processes (``serve --workers``) each run a writer on one PostgreSQL: rows that their
+    transactions may both lock (conversations, the audit head) are touched last and in one order
+    (``Ingestor.write``), and new contacts are created under a lock (``Ingestor._resolve_contacts``).
+    A second writer task in one process was measured and did not raise the rate
+    (docs/performance.md), so there is one.
+    """
 
     def __init__(
         self,

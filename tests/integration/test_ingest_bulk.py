@@ -1,0 +1,172 @@
+"""The hot path's set-based statements (db.bulk_insert, db.any_of) and what concurrent ingest
+transactions on one PostgreSQL must get right (one contact per new patient)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from tests.conftest import PNID
+from tests.helpers import all_rows
+
+from pforte.channels.whatsapp import webhook
+from pforte.contacts.models import Contact
+from pforte.conversations.ingest import _Item
+from pforte.conversations.models import Conversation, Message, PendingStatus
+from pforte.db import any_of, bulk_insert, new_id, table_of
+from pforte.outbox.models import Job
+
+J = table_of(Job)
+PS = table_of(PendingStatus)
+
+
+def _job(n: int, when: datetime, payload: Any) -> dict[str, Any]:
+    return {
+        "id": new_id(),
+        "org_id": None,
+        "kind": "bulk_test",
+        "channel_id": None,
+        "payload": payload,
+        "state": "queued",
+        "attempts": n,
+        "run_after": when,
+        "locked_by": None,
+        "locked_until": None,
+        "started_at": None,
+        "last_error": None if n else "zwei Wörter",
+        "created_at": when,
+        "updated_at": when,
+    }
+
+
+async def test_bulk_insert_keeps_every_column_type(world):
+    when = datetime(2026, 11, 22, 9, 30, 15, 123456, tzinfo=UTC)
+    rows = [
+        _job(0, when, {"conversation_id": "c1", "message_ids": ["a", "b"], "umlaut": "Grüße"}),
+        _job(1, when + timedelta(hours=1), {"nested": {"n": 1.5, "none": None, "flag": True}}),
+        _job(2, when.astimezone(), []),  # a local-time value comes back as the same instant in UTC
+    ]
+    rows[0]["org_id"], rows[0]["channel_id"] = world.org_id, world.channel_id
+    async with world.services.db.engine.begin() as conn:
+        assert await bulk_insert(conn, J, rows) == []
+        back = {
+            r.id: r
+            for r in await conn.execute(
+                select(J).where(any_of(conn.dialect.name, J.c.id, [r["id"] for r in rows]))
+            )
+        }
+    assert len(back) == 3
+    for row in rows:
+        got = back[row["id"]]
+        assert got.payload == row["payload"]
+        assert got.run_after == row["run_after"] and got.run_after.tzinfo is not None
+        assert (got.attempts, got.last_error, got.locked_until) == (row["attempts"], row["last_error"], None)
+    assert back[rows[0]["id"]].org_id == world.org_id
+
+
+async def test_bulk_insert_skips_conflicts_and_returns_only_what_it_inserted(world):
+    now = datetime.now(UTC)
+
+    def parked(ext: str, status: str) -> dict[str, Any]:
+        return {
+            "id": new_id(),
+            "channel_id": world.channel_id,
+            "external_id": ext,
+            "status": status,
+            "provider_ts": now,
+            "error_code": None,
+            "error_title": None,
+            "received_at": now,
+            "details": None,
+        }
+
+    first = [parked("wamid.1", "sent"), parked("wamid.1", "delivered")]
+    again = [parked("wamid.1", "sent"), parked("wamid.2", "sent")]  # the first one is a duplicate
+    async with world.services.db.engine.begin() as conn:
+        assert await bulk_insert(conn, PS, []) == []
+        key = ("channel_id", "external_id", "status")
+        assert sorted(await bulk_insert(conn, PS, first, conflict=key, returning="id")) == sorted(
+            r["id"] for r in first
+        )
+        assert await bulk_insert(conn, PS, again, conflict=key, returning="id") == [again[1]["id"]]
+    stored = await all_rows(world.services, PendingStatus)
+    assert sorted((p.external_id, p.status) for p in stored) == [
+        ("wamid.1", "delivered"),
+        ("wamid.1", "sent"),
+        ("wamid.2", "sent"),
+    ]
+
+
+async def test_any_of_matches_lists_of_every_length(world):
+    now = datetime.now(UTC)
+    rows = [_job(n, now, {"n": n}) for n in range(5)]
+    ids = [r["id"] for r in rows]
+    async with world.services.db.engine.begin() as conn:
+        await bulk_insert(conn, J, rows)
+        dialect = conn.dialect.name
+        for wanted in ([], ids[:1], ids[1:4], [*ids, "no-such-id"]):
+            got = (await conn.execute(select(J.c.id).where(any_of(dialect, J.c.id, wanted)))).scalars()
+            assert sorted(got) == sorted(set(wanted) & set(ids))
+
+
+def _payload(wa_id: str, wamid: str, text: str) -> bytes:
+    """A text message from a patient known only by phone number (no BSUID, so no unique key)."""
+    value = {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "4930123456789", "phone_number_id": PNID},
+        "contacts": [{"profile": {"name": "Neue Patientin"}, "wa_id": wa_id}],
+        "messages": [
+            {
+                "from": wa_id,
+                "id": wamid,
+                "timestamp": str(int(time.time())),
+                "type": "text",
+                "text": {"body": text},
+            }
+        ],
+    }
+    doc = {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "1", "changes": [{"field": "messages", "value": value}]}],
+    }
+    return json.dumps(doc).encode()
+
+
+async def _item(world: Any, wamid: str, text: str) -> _Item:
+    ch = await world.services.channels.get(world.services.db.sessionmaker, world.channel_id)
+    (batch,) = webhook.parse_webhook(webhook.parse_payload(_payload("4915199000111", wamid, text))).values()
+    return _Item(channel=ch, batch=batch, future=asyncio.get_running_loop().create_future())
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])  # SQLite has one writer: a second one cannot start
+async def test_two_transactions_meeting_the_same_new_patient_create_one_contact(world):
+    """Two processes' writers (or one after a retry) can meet the same new patient at once. The
+    second waits for the first's lock on creating contacts, then finds the contact it made."""
+    ingestor = world.services.ingest.ingestor
+    engine = world.services.db.engine
+    first = await _item(world, "wamid.first", "Hallo, ich habe eine Frage")
+    second = await _item(world, "wamid.second", "Und noch eine")
+    async with engine.begin() as conn:
+        await ingestor.write(conn, [first])  # the contact exists here, not yet committed
+
+        async def other_writer() -> None:
+            async with engine.begin() as other:
+                await ingestor.write(other, [second])
+
+        waiting = asyncio.create_task(other_writer())
+        await asyncio.sleep(0.5)
+        assert not waiting.done()  # held back until the first transaction ends
+    await asyncio.wait_for(waiting, 10)
+    assert (first.result.accepted, second.result.accepted) == (1, 1)
+    patients = await all_rows(world.services, Contact)  # the seeded clinic has none yet
+    assert len(patients) == 1
+    msgs = {m.external_id: m for m in await all_rows(world.services, Message)}
+    assert msgs["wamid.first"].contact_id == msgs["wamid.second"].contact_id == patients[0].id
+    assert msgs["wamid.first"].conversation_id == msgs["wamid.second"].conversation_id
+    convs = [c for c in await all_rows(world.services, Conversation) if c.contact_id == patients[0].id]
+    assert len(convs) == 1 and convs[0].unread_count == 2
