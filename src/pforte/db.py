@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, DateTime, MetaData, Table, any_, bindparam, event
+from sqlalchemy import ColumnElement, DateTime, MetaData, String, Table, bindparam, event, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import (
@@ -89,19 +89,37 @@ def upsert_insert(dialect_name: str, table: Any) -> Any:
     return (postgresql.insert if dialect_name == "postgresql" else sqlite.insert)(table)
 
 
+def _unsized(type_: Any) -> Any:
+    """A column type for an array parameter: VARCHAR without its length.
+
+    Two reasons. An explicit cast to ``varchar(n)`` silently cuts longer text, where an INSERT of
+    the same value fails: the length must be checked by the column, not the cast. And in a generic
+    plan (asyncpg prepares; from the sixth run PostgreSQL may reuse one plan) ``$1::varchar(n)[]``
+    is a coercion of every element that is evaluated again for every row the filter looks at:
+    measured 140 ms instead of 5 ms for 600 ids against 4,000 rows.
+    """
+    return String() if isinstance(type_, String) and type_.length else type_
+
+
 def any_of(dialect_name: str, col: Any, values: Any) -> ColumnElement[bool]:
     """``col IN values`` for a list of any length.
 
-    On PostgreSQL it is ``col = ANY(one array parameter)``: the statement's text does not depend
-    on the number of values, so asyncpg prepares it once. An IN list renders one placeholder per
-    value, and each new length is a new statement for the server to parse and plan (the hot path
-    sees every length from 1 to a few hundred). SQLite keeps the plain IN list.
+    On PostgreSQL it is ``col IN (SELECT unnest(one array parameter))``:
+    - the statement's text does not depend on the number of values, so asyncpg prepares it once.
+      An IN list renders one placeholder per value, and each new length is a new statement for
+      the server to parse and plan (the hot path sees every length from 1 to a few hundred);
+    - the planner joins against the list: an index look-up per value, or one hash of the list.
+      ``col = ANY($1)`` was tried first. In the generic plan PostgreSQL switches to after five
+      runs of a prepared statement, ANY over a parameter is not hashed: every row the filter
+      looks at is compared with every value, so the cost grows with the table. Measured on one
+      connection, 600 ids: 5 ms for the first runs, 125–170 ms per run after, with 4,000–12,000
+      rows in the channel.
+    SQLite keeps the plain IN list.
     """
     values = list(values)
     if dialect_name == "postgresql":
-        return cast(
-            ColumnElement[bool], col == any_(bindparam(None, values, type_=postgresql.ARRAY(col.type)))
-        )
+        array = bindparam(None, values, type_=postgresql.ARRAY(_unsized(col.type)))
+        return cast(ColumnElement[bool], col.in_(select(func.unnest(array))))
     return cast(ColumnElement[bool], col.in_(values))
 
 
@@ -143,7 +161,7 @@ async def bulk_insert(
     if cached is None:
         # Every name is looked up in the Table (KeyError otherwise) and quoted: no outside text.
         quote = dialect.identifier_preparer.quote
-        types = [table.c[c].type.dialect_impl(dialect) for c in cols]
+        types = [_unsized(table.c[c].type).dialect_impl(dialect) for c in cols]
         names = ", ".join(quote(table.c[c].name) for c in cols)
         casts = ", ".join(f"${i}::{t.compile(dialect=dialect)}[]" for i, t in enumerate(types, 1))
         sql = f"INSERT INTO {quote(table.name)} ({names}) SELECT * FROM unnest({casts})"  # noqa: S608

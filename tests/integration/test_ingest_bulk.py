@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from tests.conftest import PNID
 from tests.helpers import all_rows
 
@@ -170,3 +171,23 @@ async def test_two_transactions_meeting_the_same_new_patient_create_one_contact(
     assert msgs["wamid.first"].conversation_id == msgs["wamid.second"].conversation_id
     convs = [c for c in await all_rows(world.services, Conversation) if c.contact_id == patients[0].id]
     assert len(convs) == 1 and convs[0].unread_count == 2
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])  # SQLite does not enforce VARCHAR lengths
+async def test_bulk_insert_refuses_text_longer_than_its_column_instead_of_cutting_it(world):
+    now = datetime.now(UTC)
+    row = {
+        "id": new_id(),
+        "channel_id": world.channel_id,
+        "external_id": "wamid." + "x" * 300,  # the column holds 200
+        "status": "sent",
+        "provider_ts": now,
+        "error_code": None,
+        "error_title": None,
+        "received_at": now,
+        "details": None,
+    }
+    with pytest.raises(DBAPIError, match="too long"):
+        async with world.services.db.engine.begin() as conn:
+            await bulk_insert(conn, PS, [row])
+    assert await all_rows(world.services, PendingStatus) == []
