@@ -108,12 +108,18 @@ def busiest_second(times: list[float]) -> int:
 
 
 def run(
-    db: str, rate: int, seconds: int, users: int, profile: str | None = None, trace: str | None = None
+    db: str,
+    rate: int,
+    seconds: int,
+    users: int,
+    profile: str | None = None,
+    trace: str | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """One outbound measurement on a fresh stack."""
     ch = ChannelSpec(PNID, rate=rate)
     count = rate * seconds
-    with Stack(db, [ch], with_simulator=True, sim_batch=100, trace=trace) as stack:
+    with Stack(db, [ch], with_simulator=True, sim_batch=100, trace=trace, workers=workers) as stack:
         sim = httpx.Client(base_url=stack.sim_url, timeout=30)
         for i in range(users):
             u = sim.post("/_sim/users", json={"name": f"Patient {i}", "wa_id": f"4917{i:09d}"}).json()
@@ -165,8 +171,9 @@ def run(
     span = times[-1] - times[0] if len(times) > 1 else 0.0
     achieved = round((len(times) - 1) / span, 1) if span else 0.0
     return {
-        "scenario": f"outbound_{rate}",
+        "scenario": f"outbound_{rate}" + (f"_w{workers}" if workers > 1 else ""),
         "db": db,
+        "workers": workers,
         "rate_limit": rate,
         "paced_at": round(rate / (1 + MARGIN), 1),
         "queued": count,
@@ -196,8 +203,12 @@ def main(argv: list[str] | None = None) -> None:
         seconds={"type": int, "default": 10},
         users={"type": int, "default": 100},
         trace={"default": None, "help": "time the send path (bench/traced_serve.py), JSON to this file"},
+        workers={"type": int, "default": 1, "help": "pforte serve --workers (PostgreSQL only)"},
     )
-    emit(run(args.db, args.rate, args.seconds, args.users, args.profile, args.trace), args.json_out)
+    emit(
+        run(args.db, args.rate, args.seconds, args.users, args.profile, args.trace, args.workers),
+        args.json_out,
+    )
 
 
 if __name__ == "__main__":
