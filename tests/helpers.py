@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,29 @@ FIXTURE_PNID = "109876543210987"
 def sign(body: bytes, secret: str) -> str:
     """The X-Hub-Signature-256 header Meta would send."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def text_webhook(pnid: str, wa_id: str, wamid: str, text: str, *, name: str | None = None) -> bytes:
+    """A webhook with one text message from a patient known only by phone number (no BSUID)."""
+    value = {
+        "messaging_product": "whatsapp",
+        "metadata": {"display_phone_number": "4930123456789", "phone_number_id": pnid},
+        "contacts": [{"profile": {"name": name or f"Patient {wa_id[-4:]}"}, "wa_id": wa_id}],
+        "messages": [
+            {
+                "from": wa_id,
+                "id": wamid,
+                "timestamp": str(int(time.time())),
+                "type": "text",
+                "text": {"body": text},
+            }
+        ],
+    }
+    doc = {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "1", "changes": [{"field": "messages", "value": value}]}],
+    }
+    return json.dumps(doc).encode()
 
 
 def fixture_bytes(name: str, pnid: str) -> bytes:

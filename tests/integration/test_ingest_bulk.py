@@ -4,8 +4,6 @@ transactions on one PostgreSQL must get right (one contact per new patient)."""
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,7 +11,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from tests.conftest import PNID
-from tests.helpers import all_rows
+from tests.helpers import all_rows, text_webhook
 
 from pforte.channels.whatsapp import webhook
 from pforte.contacts.models import Contact
@@ -115,32 +113,10 @@ async def test_any_of_matches_lists_of_every_length(world):
             assert sorted(got) == sorted(set(wanted) & set(ids))
 
 
-def _payload(wa_id: str, wamid: str, text: str) -> bytes:
-    """A text message from a patient known only by phone number (no BSUID, so no unique key)."""
-    value = {
-        "messaging_product": "whatsapp",
-        "metadata": {"display_phone_number": "4930123456789", "phone_number_id": PNID},
-        "contacts": [{"profile": {"name": "Neue Patientin"}, "wa_id": wa_id}],
-        "messages": [
-            {
-                "from": wa_id,
-                "id": wamid,
-                "timestamp": str(int(time.time())),
-                "type": "text",
-                "text": {"body": text},
-            }
-        ],
-    }
-    doc = {
-        "object": "whatsapp_business_account",
-        "entry": [{"id": "1", "changes": [{"field": "messages", "value": value}]}],
-    }
-    return json.dumps(doc).encode()
-
-
 async def _item(world: Any, wamid: str, text: str) -> _Item:
     ch = await world.services.channels.get(world.services.db.sessionmaker, world.channel_id)
-    (batch,) = webhook.parse_webhook(webhook.parse_payload(_payload("4915199000111", wamid, text))).values()
+    body = text_webhook(PNID, "4915199000111", wamid, text, name="Neue Patientin")
+    (batch,) = webhook.parse_webhook(webhook.parse_payload(body)).values()
     return _Item(channel=ch, batch=batch, future=asyncio.get_running_loop().create_future())
 
 

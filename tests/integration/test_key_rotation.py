@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 from tests.conftest import APP_SECRET, PNID
-from tests.helpers import all_rows, post_webhook
+from tests.helpers import all_rows, post_webhook, text_webhook
 from typer.testing import CliRunner
 
 from pforte.audit import service as audit
@@ -77,25 +77,7 @@ def _ring(world: Any) -> dict[str, Any]:
 
 
 def _payload(wa_id: str, wamid: str, text: str) -> bytes:
-    value = {
-        "messaging_product": "whatsapp",
-        "metadata": {"display_phone_number": "4930123456789", "phone_number_id": PNID},
-        "contacts": [{"profile": {"name": f"Patient {wa_id[-4:]}"}, "wa_id": wa_id}],
-        "messages": [
-            {
-                "from": wa_id,
-                "id": wamid,
-                "timestamp": str(int(time.time())),
-                "type": "text",
-                "text": {"body": text},
-            }
-        ],
-    }
-    doc = {
-        "object": "whatsapp_business_account",
-        "entry": [{"id": "1", "changes": [{"field": "messages", "value": value}]}],
-    }
-    return json.dumps(doc).encode()
+    return text_webhook(PNID, wa_id, wamid, text)
 
 
 def _phone(n: int) -> str:
