@@ -42,13 +42,15 @@ async def test_late_arrivals_never_crowd_a_second_past_the_rate():
     assert _most_in_one_second(arrivals) <= rate
 
 
-async def test_a_ticket_never_marked_done_blocks_only_until_it_is_declared_stuck(monkeypatch):
+async def test_a_ticket_never_marked_done_blocks_only_until_it_is_declared_stuck(monkeypatch, caplog):
     monkeypatch.setattr(ratelimit, "STUCK_AFTER_S", 0.05)
     pacer = Pacer(2, SystemClock(), margin=0.0)
     await pacer.acquire()  # never done: a caller bug
     (await pacer.acquire()).done()
-    third = await asyncio.wait_for(pacer.acquire(), 3.0)
+    with caplog.at_level("WARNING", logger="pforte.outbox"):
+        third = await asyncio.wait_for(pacer.acquire(), 3.0)
     third.done()
+    assert [r.getMessage() for r in caplog.records] == ["pacing: a send's answer never came back"]
 
 
 async def test_chunks_take_consecutive_slots_and_keep_the_window():

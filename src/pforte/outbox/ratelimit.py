@@ -23,12 +23,15 @@ process on one PostgreSQL database and keeps the window per process.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 
 from sqlalchemy import text
 
 from pforte.clock import Clock
 from pforte.db import Database
+
+log = logging.getLogger("pforte.outbox")
 
 MARGIN = 0.10  # spacing is (1 + MARGIN) / rate
 LATE_TOLERANCE = 0.03  # seconds a caller may send after its slot; later, it takes a new slot
@@ -75,7 +78,8 @@ class _Window:
                 oldest = self._recent.popleft()
                 try:
                     end = await asyncio.wait_for(oldest.ended(), STUCK_AFTER_S)
-                except TimeoutError:
+                except TimeoutError:  # every later send of the channel waited this long: say so
+                    log.warning("pacing: a send's answer never came back", extra={"waited_s": STUCK_AFTER_S})
                     end = self._clock.monotonic()
                 free_at = end + WINDOW_S + WINDOW_SLACK
                 wait = free_at - self._clock.monotonic()
