@@ -84,7 +84,7 @@ class _Item:
 
 @dataclass(slots=True)
 class _Txn:
-    """What one group's transaction gathers on its way (several writers may run at once)."""
+    """What one group's transaction gathers on its way; kept off the shared Ingestor."""
 
     now: datetime
     dialect: str
