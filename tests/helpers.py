@@ -191,3 +191,9 @@ async def seed_clinic(
         template_id=ids[3],
         patient=patient,
     )
+
+
+def most_in_one_second(arrivals: list[float]) -> int:
+    """The most arrivals any sliding one-second window holds (what the Cloud API counts)."""
+    arrivals = sorted(arrivals)
+    return max(sum(1 for u in arrivals[i:] if u < t + 1.0) for i, t in enumerate(arrivals))

@@ -5,14 +5,11 @@ from __future__ import annotations
 import asyncio
 import random
 
+from tests.helpers import most_in_one_second
+
 from pforte.clock import SystemClock
 from pforte.outbox import ratelimit
 from pforte.outbox.ratelimit import Pacer
-
-
-def _most_in_one_second(arrivals: list[float]) -> int:
-    arrivals = sorted(arrivals)
-    return max(sum(1 for u in arrivals[i:] if u < t + 1.0) for i, t in enumerate(arrivals))
 
 
 async def test_late_arrivals_never_crowd_a_second_past_the_rate():
@@ -39,7 +36,7 @@ async def test_late_arrivals_never_crowd_a_second_past_the_rate():
     await asyncio.gather(*(send(d) for d in delays))
 
     assert len(arrivals) == 70
-    assert _most_in_one_second(arrivals) <= rate
+    assert most_in_one_second(arrivals) <= rate
 
 
 async def test_a_ticket_never_marked_done_blocks_only_until_it_is_declared_stuck(monkeypatch, caplog):
@@ -83,7 +80,7 @@ async def test_chunks_take_consecutive_slots_and_keep_the_window():
     await asyncio.gather(*(chunk(10, 0.3 if i % 3 == 0 else 0.0) for i in range(8)))
 
     assert len(arrivals) == 80
-    assert _most_in_one_second(arrivals) <= rate
+    assert most_in_one_second(arrivals) <= rate
     # the k-th chunk returned no earlier than its last slot: (10k - 1) intervals after the start
     for k, at in enumerate(sorted(returned), start=1):
         assert at - start >= (10 * k - 1) / rate - 0.01

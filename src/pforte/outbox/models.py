@@ -55,3 +55,20 @@ class SendSlot(Base):
 
     channel_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     next_slot: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class SendPlace(Base):
+    """One of a channel's ``rate`` places in the provider's one-second window, shared by processes.
+
+    A send holds a place from just before it starts until its answer is back; the place is free
+    again one window later (``free_at``, seconds since the epoch on the database clock). A holder
+    that never gives it back (a killed process) loses it at ``held_until``.
+    """
+
+    __tablename__ = "send_places"
+
+    channel_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    n: Mapped[int] = mapped_column(Integer, primary_key=True)
+    free_at: Mapped[float] = mapped_column(Float, default=0.0)
+    holder: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    held_until: Mapped[float | None] = mapped_column(Float, nullable=True)

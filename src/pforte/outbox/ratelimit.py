@@ -16,8 +16,8 @@ Two mechanisms work together:
 Callers hold a ``Ticket`` from ``acquire()``, or one per send from ``acquire_many(n)`` (``n``
 consecutive slots reserved at once, returning at the last of them, for a chunk of sends started
 together), and call ``ticket.done()`` as soon as the provider's answer (or the error) is back.
-``Pacer`` is shared by the tasks of one process; ``SharedPacer`` shares the spacing with every
-process on one PostgreSQL database and keeps the window per process.
+``Pacer`` is shared by the tasks of one process; ``SharedPacer`` shares the spacing and the window
+with every process on one PostgreSQL database.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ import logging
 from collections import deque
 
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from pforte.clock import Clock
-from pforte.db import Database
+from pforte.db import Database, new_id
 
 log = logging.getLogger("pforte.outbox")
 
@@ -136,70 +137,142 @@ UPDATE send_slots
  WHERE channel_id = :c
 RETURNING next_slot - :span AS start, EXTRACT(EPOCH FROM clock_timestamp()) AS db_now
 """
+_ENSURE_PLACES = """
+INSERT INTO send_places (channel_id, n, free_at)
+SELECT :c, g, 0 FROM generate_series(0, :rate - 1) AS g
+ON CONFLICT DO NOTHING
+"""
+# The places free soonest; a place whose holder's lease ran out (a killed process) counts as
+# ended at the lease's end, so it is free one window after that.
+_TAKE_PLACES = """
+WITH t AS (SELECT EXTRACT(EPOCH FROM clock_timestamp()) AS now),
+picked AS (
+  SELECT p.n,
+         CASE WHEN p.held_until IS NULL THEN p.free_at
+              ELSE GREATEST(p.free_at, p.held_until + :window) END AS free_from
+    FROM send_places p, t
+   WHERE p.channel_id = :c AND p.n < :rate AND (p.held_until IS NULL OR p.held_until < t.now)
+   ORDER BY free_from
+   LIMIT :k
+     FOR UPDATE OF p SKIP LOCKED
+)
+UPDATE send_places p
+   SET holder = :me, held_until = t.now + :lease, free_at = picked.free_from
+  FROM picked, t
+ WHERE p.channel_id = :c AND p.n = picked.n
+RETURNING p.n, GREATEST(picked.free_from - t.now, 0) AS wait
+"""
+# Run after the last answer is back, so the database clock here is later than every arrival.
+_GIVE_BACK = """
+UPDATE send_places
+   SET holder = NULL, held_until = NULL, free_at = EXTRACT(EPOCH FROM clock_timestamp()) + :window
+ WHERE channel_id = :c AND n = ANY(:ns) AND holder = :me
+"""
+LEASE_S = 60.0  # a place not given back by then (its process was killed) is taken over; outlasts any send
+PLACES_POLL_S = 0.01  # how often a process looks again when every place is held
 
 
 class SharedPacer:
-    """Pacing shared by every process on one PostgreSQL database.
+    """Pacing and the window shared by every process on one PostgreSQL database.
 
-    The channel's next free slot lives in ``send_slots`` on the database clock. A process reserves a
-    small block of consecutive slots with one UPDATE (``GREATEST(next_slot, now) + block × interval``)
-    and maps them onto its own monotonic clock, so N processes together never exceed the rate.
-    Slots left unused for longer than one interval are dropped, never used late in a bunch.
+    **Spacing.** The channel's next free slot lives in ``send_slots`` on the database clock. A chunk
+    reserves its consecutive slots with one UPDATE (``GREATEST(next_slot, now) + n × interval``)
+    and maps them onto this process's monotonic clock, so N processes together keep the spacing.
+
+    **Window.** The channel has ``rate`` rows in ``send_places``. A send takes a place just before
+    it starts and the place is given back once its answer is back, free again one window later on
+    the database clock (the give-back runs after the answer, so that clock is past the arrival,
+    whatever the skew between machines). No second can then hold more than ``rate`` arrivals from
+    all processes together, however late one of them sends. A window kept per process could not
+    promise that: a late process's arrivals land in the same second as another's punctual ones.
+    A chunk takes its places with one statement and gives them back with one more.
     """
 
     def __init__(
         self, channel_id: str, rate_per_s: float, db: Database, clock: Clock, margin: float = MARGIN
     ):
         self.channel_id = channel_id
+        self.rate = max(1, int(rate_per_s))
         self.margin = margin
         self.interval = (1.0 + margin) / rate_per_s
-        self.block = max(1, int(rate_per_s // 20))  # about 50 ms of sends per reservation
         self._db = db
         self._clock = clock
-        self._slots: deque[float] = deque()
-        self._lock = asyncio.Lock()
-        self._row_ready = False
-        self._window = _Window(rate_per_s, clock)
+        self._me = new_id()
+        self._lock = asyncio.Lock()  # slot reservations, in order
+        self._places_lock = asyncio.Lock()  # one chunk at a time looks for places
+        self._ready = False
+        self._giving_back: set[asyncio.Task[None]] = set()
+
+    async def _ensure_rows(self, conn: AsyncConnection) -> None:
+        if not self._ready:
+            await conn.execute(text(_ENSURE_ROW), {"c": self.channel_id})
+            await conn.execute(text(_ENSURE_PLACES), {"c": self.channel_id, "rate": self.rate})
+            self._ready = True
 
     async def _reserve(self, count: int) -> list[float]:
         """Reserve ``count`` consecutive slots on the database clock; their times on ours."""
         span = count * self.interval
         async with self._db.engine.begin() as conn:
-            if not self._row_ready:
-                await conn.execute(text(_ENSURE_ROW), {"c": self.channel_id})
-                self._row_ready = True
+            await self._ensure_rows(conn)
             row = (await conn.execute(text(_RESERVE), {"c": self.channel_id, "span": span})).one()
         local_now = self._clock.monotonic()
         start = local_now + (float(row.start) - float(row.db_now))
         return [start + i * self.interval for i in range(count)]
 
+    async def _take_places(self, count: int) -> list[int]:
+        """Take ``count`` places, waiting while every place is held and until the taken ones are
+        free (the wait is counted from the database's answer: later, never earlier, than needed)."""
+        taken: list[int] = []
+        latest = 0.0
+        async with self._places_lock:
+            while len(taken) < count:
+                async with self._db.engine.begin() as conn:
+                    await self._ensure_rows(conn)
+                    rows = (
+                        await conn.execute(
+                            text(_TAKE_PLACES),
+                            {
+                                "c": self.channel_id,
+                                "rate": self.rate,
+                                "k": count - len(taken),
+                                "me": self._me,
+                                "lease": LEASE_S,
+                                "window": WINDOW_S + WINDOW_SLACK,
+                            },
+                        )
+                    ).all()
+                answered = self._clock.monotonic()
+                for row in rows:
+                    taken.append(int(row.n))
+                    latest = max(latest, answered + float(row.wait))
+                if len(taken) < count:
+                    await self._clock.sleep(PLACES_POLL_S)
+        wait = latest - self._clock.monotonic()
+        if wait > 0:
+            await self._clock.sleep(wait)
+        return taken
+
+    async def _give_back(self, places: list[int], tickets: list[Ticket]) -> None:
+        """Once every send of the chunk is over, free its places one window from now."""
+        for ticket in tickets:
+            try:
+                await asyncio.wait_for(ticket.ended(), STUCK_AFTER_S)
+            except TimeoutError:  # the lease ends these places anyway
+                log.warning("pacing: a send's answer never came back", extra={"waited_s": STUCK_AFTER_S})
+        async with self._db.engine.begin() as conn:
+            await conn.execute(
+                text(_GIVE_BACK),
+                {"c": self.channel_id, "ns": places, "me": self._me, "window": WINDOW_S + WINDOW_SLACK},
+            )
+
     async def acquire(self) -> Ticket:
-        """Wait for a slot reserved for this process (if woken too late, take another, at most 3
-        times) and for room in this process's window."""
-        for _ in range(MAX_RESLOTS):
-            async with self._lock:
-                now = self._clock.monotonic()
-                while self._slots and self._slots[0] < now - LATE_TOLERANCE:
-                    self._slots.popleft()
-                if not self._slots:
-                    self._slots.extend(await self._reserve(self.block))
-                    now = self._clock.monotonic()
-                slot = self._slots.popleft()
-            if slot > now:
-                await self._clock.sleep(slot - now)
-            if self._clock.monotonic() - slot <= LATE_TOLERANCE:
-                break
-        return await self._window.enter()
+        """A single send's slot and place in the shared window."""
+        return (await self.acquire_many(1))[0]
 
     async def acquire_many(self, n: int) -> list[Ticket]:
-        """Reserve ``n`` consecutive slots with one UPDATE and wait for the last of them, then for
-        room in this process's window.
-
-        Other processes' sends are not in this window, so across processes the spacing's margin is
-        what absorbs lateness: a chunk sent ``lag`` after its last slot puts at most
-        ``(1 + span + lag) / interval`` sends into one second, under the rate while
-        ``span + lag <= MARGIN`` seconds. A chunk later than that reserves new slots, once.
-        """
+        """Reserve ``n`` consecutive slots with one UPDATE and wait for the last of them (a chunk
+        woken too late reserves new slots, once), then take ``n`` places in the shared window.
+        The places go back by themselves once every ticket is done."""
         tolerance = max(LATE_TOLERANCE, self.margin * WINDOW_S - n * self.interval)
         for _ in range(2):
             async with self._lock:
@@ -210,7 +283,12 @@ class SharedPacer:
                 await self._clock.sleep(wait)
             if self._clock.monotonic() - last <= tolerance:
                 break
-        return [await self._window.enter() for _ in range(n)]
+        places = await self._take_places(n)
+        tickets = [Ticket(self._clock) for _ in range(n)]
+        task = asyncio.create_task(self._give_back(places, tickets))
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
+        return tickets
 
 
 class RateLimits:
