@@ -84,3 +84,31 @@ async def test_chunks_take_consecutive_slots_and_keep_the_window():
     # the k-th chunk returned no earlier than its last slot: (10k - 1) intervals after the start
     for k, at in enumerate(sorted(returned), start=1):
         assert at - start >= (10 * k - 1) / rate - 0.01
+
+
+async def test_chunks_queued_on_a_full_window_never_wait_for_each_other(monkeypatch):
+    """When answers are slow the window fills and chunks queue for it. Each chunk takes its places
+    in one go: were they handed out one at a time, chunks would interleave, and the chunk at the
+    front would wait for the end of a send whose chunk is still queued behind it (a deadlock that
+    stalled SQLite sends at 80/s until the stuck-ticket timeout)."""
+    monkeypatch.setattr(ratelimit, "STUCK_AFTER_S", 60.0)
+    rate = 8
+    pacer = Pacer(rate, SystemClock(), margin=0.0)
+    loop = asyncio.get_running_loop()
+    arrivals: list[float] = []
+
+    async def chunk() -> None:
+        tickets = await pacer.acquire_many(3)
+
+        async def one(ticket: ratelimit.Ticket) -> None:
+            try:
+                arrivals.append(loop.time())
+                await asyncio.sleep(0.6)  # a slow answer
+            finally:
+                ticket.done()
+
+        await asyncio.gather(*(one(t) for t in tickets))
+
+    await asyncio.wait_for(asyncio.gather(*(chunk() for _ in range(10))), 20.0)
+    assert len(arrivals) == 30
+    assert most_in_one_second(arrivals) <= rate

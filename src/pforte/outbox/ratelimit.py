@@ -73,22 +73,34 @@ class _Window:
         self._recent: deque[Ticket] = deque()
         self._lock = asyncio.Lock()
 
-    async def enter(self) -> Ticket:
-        async with self._lock:  # tickets are handed out in start order
-            if len(self._recent) >= self.size:
-                oldest = self._recent.popleft()
-                try:
-                    end = await asyncio.wait_for(oldest.ended(), STUCK_AFTER_S)
-                except TimeoutError:  # every later send of the channel waited this long: say so
-                    log.warning("pacing: a send's answer never came back", extra={"waited_s": STUCK_AFTER_S})
-                    end = self._clock.monotonic()
-                free_at = end + WINDOW_S + WINDOW_SLACK
-                wait = free_at - self._clock.monotonic()
-                if wait > 0:
-                    await self._clock.sleep(wait)
-            ticket = Ticket(self._clock)
-            self._recent.append(ticket)
-            return ticket
+    async def enter(self, n: int = 1) -> list[Ticket]:
+        """``n`` consecutive places, handed out in start order.
+
+        A chunk takes all its places under one hold of the lock. Taken one at a time, chunks
+        queued on the lock would interleave; once the window is full, the chunk at the front can
+        wait for the end of a send whose chunk is still queued behind it for its remaining places
+        and so has not started: a deadlock until ``STUCK_AFTER_S``.
+        """
+        async with self._lock:
+            tickets = []
+            for _ in range(n):
+                if len(self._recent) >= self.size:
+                    await self._wait_for_end(self._recent.popleft())
+                ticket = Ticket(self._clock)
+                self._recent.append(ticket)
+                tickets.append(ticket)
+            return tickets
+
+    async def _wait_for_end(self, oldest: Ticket) -> None:
+        """Wait until one window has passed since ``oldest`` ended."""
+        try:
+            end = await asyncio.wait_for(oldest.ended(), STUCK_AFTER_S)
+        except TimeoutError:  # every later send of the channel waited this long: say so
+            log.warning("pacing: a send's answer never came back", extra={"waited_s": STUCK_AFTER_S})
+            end = self._clock.monotonic()
+        wait = end + WINDOW_S + WINDOW_SLACK - self._clock.monotonic()
+        if wait > 0:
+            await self._clock.sleep(wait)
 
 
 class Pacer:
@@ -113,7 +125,7 @@ class Pacer:
                 await self._clock.sleep(slot - now)
             if self._clock.monotonic() - slot <= LATE_TOLERANCE:
                 break
-        return await self._window.enter()
+        return (await self._window.enter())[0]
 
     async def acquire_many(self, n: int) -> list[Ticket]:
         """Reserve ``n`` consecutive slots, wait for the last of them, then for room in the window
@@ -127,7 +139,7 @@ class Pacer:
         last = first + (n - 1) * self.interval
         if last > now:
             await self._clock.sleep(last - now)
-        return [await self._window.enter() for _ in range(n)]
+        return await self._window.enter(n)
 
 
 _ENSURE_ROW = "INSERT INTO send_slots (channel_id, next_slot) VALUES (:c, 0) ON CONFLICT DO NOTHING"
