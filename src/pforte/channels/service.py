@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from dataclasses import dataclass
@@ -171,22 +172,45 @@ async def update_token(
 
 
 class ChannelCache:
-    """Decrypted channel configs, kept a few seconds so every webhook need not hit the database."""
+    """Decrypted channel configs, kept a few seconds so every webhook need not hit the database.
+
+    When an entry expires under load, the requests that find it missing wait for ONE load instead
+    of each opening a connection (64 webhooks in flight meant 64 look-ups and new pooled
+    connections every few seconds).
+    """
 
     def __init__(self, keys: KeyService, ttl: float = 5.0) -> None:
         self._keys = keys
         self._ttl = ttl
         self._items: dict[str, tuple[float, ChannelRuntime]] = {}
+        self._loading: dict[str, asyncio.Future[ChannelRuntime]] = {}
+        self._generation = 0  # bumped by invalidate(): a load begun before it is not kept
 
     async def get(self, session_factory: object, channel_id: str) -> ChannelRuntime:
         """A channel's runtime config, from the cache or the database."""
         hit = self._items.get(channel_id)
         if hit and hit[0] > time.monotonic():
             return hit[1]
+        loading = self._loading.get(channel_id)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(session_factory, channel_id, self._generation))
+            self._loading[channel_id] = loading
+            loading.add_done_callback(lambda done: self._loaded(channel_id, done))
+        # shielded: a caller that is cancelled (a client gone) must not cancel the others' load
+        return await asyncio.shield(loading)
+
+    async def _load(self, session_factory: object, channel_id: str, generation: int) -> ChannelRuntime:
         async with session_factory() as session:  # type: ignore[operator]
             rt = await runtime(session=session, keys=self._keys, channel_id=channel_id)
-        self._items[channel_id] = (time.monotonic() + self._ttl, rt)
+        if generation == self._generation:
+            self._items[channel_id] = (time.monotonic() + self._ttl, rt)
         return rt
+
+    def _loaded(self, channel_id: str, done: asyncio.Future[ChannelRuntime]) -> None:
+        if self._loading.get(channel_id) is done:
+            del self._loading[channel_id]
+        if not done.cancelled():
+            done.exception()  # retrieved here too, so a load whose callers all left is not reported
 
     async def get_by_ref(self, session_factory: object, phone_number_id: str) -> ChannelRuntime:
         """A WhatsApp channel by its phone number id."""
@@ -206,5 +230,8 @@ class ChannelCache:
         """Forget one or all cached channels."""
         if channel_id is None:
             self._items.clear()
+            self._loading.clear()
         else:
             self._items.pop(channel_id, None)
+            self._loading.pop(channel_id, None)
+        self._generation += 1
