@@ -22,8 +22,11 @@ def sign(body: bytes, secret: str) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def text_webhook(pnid: str, wa_id: str, wamid: str, text: str, *, name: str | None = None) -> bytes:
-    """A webhook with one text message from a patient known only by phone number (no BSUID)."""
+def text_webhook(
+    pnid: str, wa_id: str, wamid: str, text: str, *, name: str | None = None, timestamp: int | None = None
+) -> bytes:
+    """A webhook with one text message from a patient known only by phone number (no BSUID), sent
+    at ``timestamp`` (seconds since the epoch; now by default)."""
     value = {
         "messaging_product": "whatsapp",
         "metadata": {"display_phone_number": "4930123456789", "phone_number_id": pnid},
@@ -32,7 +35,7 @@ def text_webhook(pnid: str, wa_id: str, wamid: str, text: str, *, name: str | No
             {
                 "from": wa_id,
                 "id": wamid,
-                "timestamp": str(int(time.time())),
+                "timestamp": str(int(time.time()) if timestamp is None else timestamp),
                 "type": "text",
                 "text": {"body": text},
             }

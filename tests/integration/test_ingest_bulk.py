@@ -113,9 +113,11 @@ async def test_any_of_matches_lists_of_every_length(world):
             assert sorted(got) == sorted(set(wanted) & set(ids))
 
 
-async def _item(world: Any, wamid: str, text: str) -> _Item:
+async def _item(
+    world: Any, wamid: str, text: str, *, wa_id: str = "4915199000111", timestamp: int | None = None
+) -> _Item:
     ch = await world.services.channels.get(world.services.db.sessionmaker, world.channel_id)
-    body = text_webhook(PNID, "4915199000111", wamid, text, name="Neue Patientin")
+    body = text_webhook(PNID, wa_id, wamid, text, name="Neue Patientin", timestamp=timestamp)
     (batch,) = webhook.parse_webhook(webhook.parse_payload(body)).values()
     return _Item(channel=ch, batch=batch, future=asyncio.get_running_loop().create_future())
 
@@ -167,3 +169,33 @@ async def test_bulk_insert_refuses_text_longer_than_its_column_instead_of_cuttin
         async with world.services.db.engine.begin() as conn:
             await bulk_insert(conn, PS, [row])
     assert await all_rows(world.services, PendingStatus) == []
+
+
+async def test_a_group_updates_each_conversation_once_and_last_inbound_never_goes_back(world):
+    """Counters and times of the conversations a group touched (one set-based UPDATE on
+    PostgreSQL, one per conversation on SQLite): unread counts add up, the newest message of the
+    group becomes the last one, and a late re-delivery of an older message moves neither the last
+    message nor the last inbound time (which opens the 24-hour window) backwards."""
+    ingestor = world.services.ingest.ingestor
+    t = int(datetime.now(UTC).timestamp()) - 600
+    anna, ben = "4915199000111", "4915199000222"
+    group = [
+        await _item(world, "wamid.a1", "Erste", wa_id=anna, timestamp=t + 100),
+        await _item(world, "wamid.a2", "Zweite, früher geschrieben", wa_id=anna, timestamp=t + 50),
+        await _item(world, "wamid.b1", "Hallo", wa_id=ben, timestamp=t + 200),
+    ]
+    async with world.services.db.engine.begin() as conn:
+        await ingestor.write(conn, group)
+    late = await _item(world, "wamid.a0", "Alte Nachricht, spät zugestellt", wa_id=anna, timestamp=t)
+    async with world.services.db.engine.begin() as conn:
+        await ingestor.write(conn, [late])
+
+    msgs = {m.external_id: m for m in await all_rows(world.services, Message)}
+    convs = {c.id: c for c in await all_rows(world.services, Conversation)}
+    of_anna, of_ben = convs[msgs["wamid.a1"].conversation_id], convs[msgs["wamid.b1"].conversation_id]
+    assert of_anna.id != of_ben.id
+    assert (of_anna.unread_count, of_ben.unread_count) == (3, 1)
+    assert of_anna.last_inbound_at == datetime.fromtimestamp(t + 100, UTC)
+    assert of_ben.last_inbound_at == datetime.fromtimestamp(t + 200, UTC)
+    assert of_ben.last_message_id == msgs["wamid.b1"].id
+    assert of_anna.last_message_id == msgs["wamid.a1"].id  # the newest, not the late old one

@@ -82,6 +82,26 @@ class _Item:
     result: IngestResult = field(default_factory=IngestResult)
 
 
+# The conversations touched by a group, in one statement. The CTE locks their rows in id order
+# (the Sort is below the LockRows), the order every writer uses, so two writers never deadlock.
+_CONV_UPDATE_PG = """
+WITH u AS (
+  SELECT * FROM unnest($1::varchar[], $2::integer[], $3::timestamptz[], $4::varchar[]) AS u(id, n, ts, last)
+), locked AS (
+  SELECT c.id FROM conversations c JOIN u ON c.id = u.id ORDER BY c.id FOR UPDATE OF c
+)
+UPDATE conversations c
+   SET unread_count = c.unread_count + u.n,
+       last_activity_at = $5,
+       last_message_id = CASE WHEN c.last_inbound_at IS NULL OR c.last_inbound_at <= u.ts
+                              THEN u.last ELSE c.last_message_id END,
+       last_inbound_at = CASE WHEN c.last_inbound_at IS NULL OR c.last_inbound_at < u.ts
+                              THEN u.ts ELSE c.last_inbound_at END
+  FROM u JOIN locked ON locked.id = u.id
+ WHERE c.id = u.id
+"""
+
+
 @dataclass(slots=True)
 class _Txn:
     """What one group's transaction gathers on its way; kept off the shared Ingestor."""
@@ -480,9 +500,26 @@ class Ingestor:
 
     async def _update_conversations(self, conn: AsyncConnection, tx: _Txn) -> None:
         """Unread count, last activity, last message and last inbound time of every conversation
-        that got new messages; one statement per conversation, in id order (the order rows are
-        locked in, the same in every writer)."""
+        that got new messages, rows locked in id order (the same in every writer). A message older
+        than the conversation's last inbound one (a late re-delivery) moves neither.
+
+        PostgreSQL: one set-based statement (``_CONV_UPDATE_PG``); run once per conversation, as
+        an executemany, it took about 30 ms per group of 600 messages (450 conversations).
+        SQLite: one statement per conversation, which costs little in process."""
         if not tx.conv_updates:
+            return
+        ordered = sorted(tx.conv_updates.items())
+        if tx.dialect == "postgresql":
+            await conn.exec_driver_sql(
+                _CONV_UPDATE_PG,
+                (
+                    [cid for cid, _ in ordered],
+                    [v["n"] for _, v in ordered],
+                    [v["ts"] for _, v in ordered],
+                    [v["last"] for _, v in ordered],
+                    tx.now,
+                ),
+            )
             return
         await conn.execute(
             update(CONV)
@@ -490,7 +527,13 @@ class Ingestor:
             .values(
                 unread_count=CONV.c.unread_count + bindparam("c_n"),
                 last_activity_at=tx.now,
-                last_message_id=bindparam("c_last"),
+                last_message_id=case(
+                    (
+                        or_(CONV.c.last_inbound_at.is_(None), CONV.c.last_inbound_at <= bindparam("c_ts")),
+                        bindparam("c_last"),
+                    ),
+                    else_=CONV.c.last_message_id,
+                ),
                 last_inbound_at=case(
                     (
                         or_(CONV.c.last_inbound_at.is_(None), CONV.c.last_inbound_at < bindparam("c_ts")),
@@ -499,10 +542,7 @@ class Ingestor:
                     else_=CONV.c.last_inbound_at,
                 ),
             ),
-            [
-                {"c_id": cid, "c_n": v["n"], "c_ts": v["ts"], "c_last": v["last"]}
-                for cid, v in sorted(tx.conv_updates.items())
-            ],
+            [{"c_id": cid, "c_n": v["n"], "c_ts": v["ts"], "c_last": v["last"]} for cid, v in ordered],
         )
 
     async def _privacy_jobs(

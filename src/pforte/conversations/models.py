@@ -55,15 +55,22 @@ class ConversationTag(Base):
 
 
 class Message(Base):
-    """One message in either direction; ``external_id`` (wamid) is unique per channel."""
+    """One message in either direction; ``external_id`` (wamid) is unique per channel.
+
+    A message belongs to its conversation: the foreign key to it (ON DELETE CASCADE) is the one
+    that removes messages. ``org_id``, ``channel_id`` and ``contact_id`` are copies of the
+    conversation's, kept for the indexes that filter by them, without foreign keys of their own:
+    the conversation's keys already guarantee them and cascade through it, and each of those keys
+    cost a look-up per inserted row (about a quarter of the ingest INSERT, docs/performance.md).
+    """
 
     __tablename__ = "messages"
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    org_id: Mapped[str] = mapped_column(ForeignKey("organisations.id", ondelete="CASCADE"))
+    org_id: Mapped[str] = mapped_column(String(32))  # = the conversation's
     conversation_id: Mapped[str] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
-    channel_id: Mapped[str] = mapped_column(ForeignKey("channels.id", ondelete="CASCADE"))
-    contact_id: Mapped[str] = mapped_column(ForeignKey("contacts.id", ondelete="CASCADE"))
+    channel_id: Mapped[str] = mapped_column(String(32))  # = the conversation's
+    contact_id: Mapped[str] = mapped_column(String(32))  # = the conversation's
     direction: Mapped[str] = mapped_column(String(3))  # in | out
     type: Mapped[str] = mapped_column(String(24))
     external_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
