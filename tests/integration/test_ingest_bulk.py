@@ -199,3 +199,28 @@ async def test_a_group_updates_each_conversation_once_and_last_inbound_never_goe
     assert of_ben.last_inbound_at == datetime.fromtimestamp(t + 200, UTC)
     assert of_ben.last_message_id == msgs["wamid.b1"].id
     assert of_anna.last_message_id == msgs["wamid.a1"].id  # the newest, not the late old one
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])  # SQLite has one writer: a second one cannot start
+async def test_two_writers_on_the_same_conversations_never_deadlock(world):
+    """Two processes' writers storing messages of the same patients at the same moment. Each
+    INSERT's foreign key takes a share lock on the conversations; the UPDATE that follows must
+    not ask for a lock that conflicts with the other writer's share (FOR UPDATE would, and
+    PostgreSQL then breaks the deadlock by failing one transaction after a second's wait)."""
+    ingestor = world.services.ingest.ingestor
+    engine = world.services.db.engine
+    patients = ["4915199000111", "4915199000222", "4915199000333"]
+    async with engine.begin() as conn:  # the conversations exist, as for patients who wrote before
+        await ingestor.write(
+            conn, [await _item(world, f"wamid.seed{i}", "Hallo", wa_id=p) for i, p in enumerate(patients)]
+        )
+
+    async def writer(name: str, order: list[str], round_: int) -> None:
+        group = [await _item(world, f"wamid.{name}{round_}.{p}", "Frage", wa_id=p) for p in order]
+        async with engine.begin() as conn:
+            await ingestor.write(conn, group)
+
+    for r in range(8):
+        await asyncio.wait_for(asyncio.gather(writer("a", patients, r), writer("b", patients[::-1], r)), 30)
+    convs = await all_rows(world.services, Conversation)
+    assert sorted(c.unread_count for c in convs) == [17, 17, 17]

@@ -104,3 +104,9 @@ async def test_places_held_by_a_process_that_died_come_back_after_the_lease(two_
     await asyncio.wait_for(_chunk(alive, 2, 0.0, arrivals), 10.0)
     assert len(arrivals) == 2
     assert arrivals[0] - start >= 0.5 + 1.0 - 0.05  # the lease ran out, then one window passed
+
+
+async def test_a_chunk_larger_than_the_window_is_refused(two_processes):
+    pacer = SharedPacer(new_channel_id(), 5, two_processes[0], SystemClock())
+    with pytest.raises(ValueError, match="does not fit"):
+        await pacer.acquire_many(6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 
+import pytest
 from tests.helpers import most_in_one_second
 
 from pforte.clock import SystemClock
@@ -112,3 +113,12 @@ async def test_chunks_queued_on_a_full_window_never_wait_for_each_other(monkeypa
     await asyncio.wait_for(asyncio.gather(*(chunk() for _ in range(10))), 20.0)
     assert len(arrivals) == 30
     assert most_in_one_second(arrivals) <= rate
+
+
+async def test_a_chunk_larger_than_the_window_is_refused():
+    """More sends than the rate cannot share one window: refused at once instead of waiting for
+    ever on its own first send."""
+    pacer = Pacer(5, SystemClock())
+    with pytest.raises(ValueError, match="does not fit"):
+        await pacer.acquire_many(6)
+    assert len(await pacer.acquire_many(5)) == 5

@@ -84,11 +84,14 @@ class _Item:
 
 # The conversations touched by a group, in one statement. The CTE locks their rows in id order
 # (the Sort is below the LockRows), the order every writer uses, so two writers never deadlock.
+# FOR NO KEY UPDATE is the lock a plain UPDATE takes: it does not conflict with the KEY SHARE
+# locks the messages INSERT's foreign key took on the same rows in another writer (FOR UPDATE
+# does, and two writers then deadlocked; test_two_writers_on_the_same_conversations_never_deadlock).
 _CONV_UPDATE_PG = """
 WITH u AS (
   SELECT * FROM unnest($1::varchar[], $2::integer[], $3::timestamptz[], $4::varchar[]) AS u(id, n, ts, last)
 ), locked AS (
-  SELECT c.id FROM conversations c JOIN u ON c.id = u.id ORDER BY c.id FOR UPDATE OF c
+  SELECT c.id FROM conversations c JOIN u ON c.id = u.id ORDER BY c.id FOR NO KEY UPDATE OF c
 )
 UPDATE conversations c
    SET unread_count = c.unread_count + u.n,

@@ -81,6 +81,8 @@ class _Window:
         wait for the end of a send whose chunk is still queued behind it for its remaining places
         and so has not started: a deadlock until ``STUCK_AFTER_S``.
         """
+        if n > self.size:  # it would wait for the end of its own first send, which never starts
+            raise ValueError(f"a chunk of {n} sends does not fit a window of {self.size}")
         async with self._lock:
             tickets = []
             for _ in range(n):
@@ -285,6 +287,8 @@ class SharedPacer:
         """Reserve ``n`` consecutive slots with one UPDATE and wait for the last of them (a chunk
         woken too late reserves new slots, once), then take ``n`` places in the shared window.
         The places go back by themselves once every ticket is done."""
+        if n > self.rate:  # it would wait for places that can never all be free at once
+            raise ValueError(f"a chunk of {n} sends does not fit a window of {self.rate}")
         tolerance = max(LATE_TOLERANCE, self.margin * WINDOW_S - n * self.interval)
         for _ in range(2):
             async with self._lock:
