@@ -176,11 +176,15 @@ UPDATE send_places p
  WHERE p.channel_id = :c AND p.n = picked.n
 RETURNING p.n, GREATEST(picked.free_from - t.now, 0) AS wait
 """
-# Run after the last answer is back, so the database clock here is later than every arrival.
+# Run after the last answer is back. Each place is free one window after its own send ended:
+# ``ago`` is how long before this statement was sent that was, on our clock, so the database
+# clock here (read later still) minus ``ago`` is never earlier than the end.
 _GIVE_BACK = """
-UPDATE send_places
-   SET holder = NULL, held_until = NULL, free_at = EXTRACT(EPOCH FROM clock_timestamp()) + :window
- WHERE channel_id = :c AND n = ANY(:ns) AND holder = :me
+UPDATE send_places p
+   SET holder = NULL, held_until = NULL,
+       free_at = EXTRACT(EPOCH FROM clock_timestamp()) - u.ago + :window
+  FROM unnest(CAST(:ns AS integer[]), CAST(:agos AS double precision[])) AS u(n, ago)
+ WHERE p.channel_id = :c AND p.n = u.n AND p.holder = :me
 """
 LEASE_S = 60.0  # a place not given back by then (its process was killed) is taken over; outlasts any send
 PLACES_POLL_S = 0.01  # how often a process looks again when every place is held
@@ -267,16 +271,24 @@ class SharedPacer:
         return taken
 
     async def _give_back(self, places: list[int], tickets: list[Ticket]) -> None:
-        """Once every send of the chunk is over, free its places one window from now."""
+        """Once every send of the chunk is over, free each place one window after its send ended."""
         for ticket in tickets:
             try:
                 await asyncio.wait_for(ticket.ended(), STUCK_AFTER_S)
-            except TimeoutError:  # the lease ends these places anyway
+            except TimeoutError:  # counted as ending at the give-back
                 log.warning("pacing: a send's answer never came back", extra={"waited_s": STUCK_AFTER_S})
         async with self._db.engine.begin() as conn:
+            now = self._clock.monotonic()  # after the pool and BEGIN: the statement goes out next
+            agos = [max(0.0, now - t.end) if t.end else 0.0 for t in tickets]
             await conn.execute(
                 text(_GIVE_BACK),
-                {"c": self.channel_id, "ns": places, "me": self._me, "window": WINDOW_S + WINDOW_SLACK},
+                {
+                    "c": self.channel_id,
+                    "ns": places,
+                    "agos": agos,
+                    "me": self._me,
+                    "window": WINDOW_S + WINDOW_SLACK,
+                },
             )
 
     async def acquire(self) -> Ticket:
