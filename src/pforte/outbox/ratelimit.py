@@ -63,6 +63,15 @@ class Ticket:
         await self._ended.wait()
         return self.end
 
+    async def ended_or_stuck(self) -> float:
+        """Its end, or, once ``STUCK_AFTER_S`` passed without one (a caller bug), now, with a
+        warning: every later send of the channel waited that long."""
+        try:
+            return await asyncio.wait_for(self.ended(), STUCK_AFTER_S)
+        except TimeoutError:
+            log.warning("pacing: a send's answer never came back", extra={"waited_s": STUCK_AFTER_S})
+            return self._clock.monotonic()
+
 
 class _Window:
     """Lets a send start only after the send ``rate`` places before it ended more than a second ago."""
@@ -95,11 +104,7 @@ class _Window:
 
     async def _wait_for_end(self, oldest: Ticket) -> None:
         """Wait until one window has passed since ``oldest`` ended."""
-        try:
-            end = await asyncio.wait_for(oldest.ended(), STUCK_AFTER_S)
-        except TimeoutError:  # every later send of the channel waited this long: say so
-            log.warning("pacing: a send's answer never came back", extra={"waited_s": STUCK_AFTER_S})
-            end = self._clock.monotonic()
+        end = await oldest.ended_or_stuck()
         wait = end + WINDOW_S + WINDOW_SLACK - self._clock.monotonic()
         if wait > 0:
             await self._clock.sleep(wait)
@@ -272,14 +277,10 @@ class SharedPacer:
 
     async def _give_back(self, places: list[int], tickets: list[Ticket]) -> None:
         """Once every send of the chunk is over, free each place one window after its send ended."""
-        for ticket in tickets:
-            try:
-                await asyncio.wait_for(ticket.ended(), STUCK_AFTER_S)
-            except TimeoutError:  # counted as ending at the give-back
-                log.warning("pacing: a send's answer never came back", extra={"waited_s": STUCK_AFTER_S})
+        ends = [await t.ended_or_stuck() for t in tickets]
         async with self._db.engine.begin() as conn:
             now = self._clock.monotonic()  # after the pool and BEGIN: the statement goes out next
-            agos = [max(0.0, now - t.end) if t.end else 0.0 for t in tickets]
+            agos = [max(0.0, now - end) for end in ends]
             await conn.execute(
                 text(_GIVE_BACK),
                 {
