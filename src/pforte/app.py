@@ -13,6 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from pforte.bootstrap import Services
+from pforte.channels.whatsapp.routes import WebhookEdge
 from pforte.channels.whatsapp.routes import router as whatsapp_router
 from pforte.errors import PforteError
 from pforte.web.security import SecurityHeaders
@@ -94,4 +95,5 @@ def create_app(services: Services, *, manage_lifespan: bool = True) -> FastAPI:
     app.include_router(exports_router)
     app.include_router(compliance_router)
     app.add_middleware(SecurityHeaders)
+    app.add_middleware(WebhookEdge, services=services)  # outermost of ours: the webhook POST
     return app

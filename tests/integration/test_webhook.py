@@ -11,8 +11,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from tests.conftest import APP_SECRET, PNID
 from tests.helpers import all_rows, count_items, fixture_bytes, fixture_names, metric, post_webhook
 
+from pforte.channels.whatsapp.routes import WebhookEdge
 from pforte.conversations.models import Attachment, Message
 from pforte.outbox.models import Job
+from pforte.web.security import CSP
 
 MESSAGE_FIXTURES = [n for n in fixture_names() if n.startswith("message_")]
 
@@ -107,6 +109,53 @@ async def test_body_over_3_mb_is_413(world):
     assert await all_rows(world.services, Message) == []
 
 
+async def test_webhook_answers_carry_the_security_headers_and_errors_their_code(world):
+    text = fixture_bytes("message_text.json", PNID)
+    ok = await post_webhook(world.client, world.channel_id, text, APP_SECRET)
+    bad = await post_webhook(world.client, world.channel_id, b"{not json", APP_SECRET)
+    forged = await post_webhook(world.client, world.channel_id, b"{}", "not-the-secret")
+    assert (ok.status_code, ok.text) == (200, "OK")
+    assert (bad.status_code, bad.json()["error"]) == (400, "malformed_json")
+    assert (forged.status_code, forged.json()["error"]) == (403, "signature_invalid")
+    for r in (ok, bad, forged):
+        assert r.headers["content-security-policy"] == CSP
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert int(r.headers["content-length"]) == len(r.content)
+
+
+async def test_a_client_that_leaves_before_its_body_arrives_gets_no_answer_and_stores_nothing(world):
+    sent: list[dict] = []
+    passed_on: list[str] = []
+
+    async def receive() -> dict:
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def inner(scope, receive, send) -> None:
+        passed_on.append(scope["path"])
+
+    edge = WebhookEdge(inner, services=world.services)
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": f"/webhooks/whatsapp/{world.channel_id}",
+        "headers": [(b"content-type", b"application/json")],
+    }
+    await edge(scope, receive, send)
+    assert sent == []
+    assert passed_on == []
+    assert await all_rows(world.services, Message) == []
+
+
+@pytest.mark.parametrize("path", ["/webhooks/whatsapp/", "/webhooks/whatsapp/a/b", "/webhooks/whatsappX"])
+async def test_posts_beside_the_webhook_path_go_to_the_app(world, path):
+    r = await world.client.post(path, content=b"{}", headers={"content-type": "application/json"})
+    assert r.status_code in (404, 405)
+    assert "content-security-policy" in r.headers  # answered by the app, through its middleware
+
+
 async def test_unknown_channel_is_404(world):
     body = fixture_bytes("message_text.json", PNID)
     r = await post_webhook(world.client, "0" * 32, body, APP_SECRET)
@@ -144,6 +193,8 @@ async def test_database_unavailable_gives_503_then_recovers_by_itself(world, db_
     try:
         r = await post_webhook(world.client, world.channel_id, body, APP_SECRET)
         assert r.status_code == 503
+        assert r.headers["retry-after"] == "5"
+        assert r.json()["error"] == "unavailable"
     finally:
         await db.engine.dispose()
         db.engine = good
