@@ -84,6 +84,34 @@ SCENARIOS: dict[str, tuple[str, list[str], list[str], int]] = {
         ["--rate", "1000", "--seconds", "2", "--workers", "2"],
         120,
     ),
+    "ingest_1_w2": (  # one update per POST, two app processes: the 2-core configuration
+        "webhook_ingest.py",
+        [
+            "--batch",
+            "1",
+            "--connections",
+            "64",
+            "--seconds",
+            "8",
+            "--expected-rate",
+            "2500",
+            "--workers",
+            "2",
+        ],
+        [
+            "--batch",
+            "1",
+            "--connections",
+            "64",
+            "--seconds",
+            "3",
+            "--expected-rate",
+            "2500",
+            "--workers",
+            "2",
+        ],
+        120,
+    ),
     "ingest_50_w2": (
         "webhook_ingest.py",
         [
@@ -127,7 +155,7 @@ SCENARIOS: dict[str, tuple[str, list[str], list[str], int]] = {
 }
 
 
-POSTGRESQL_ONLY = {"outbound_1000_w2", "ingest_50_w2"}  # several processes need PostgreSQL
+POSTGRESQL_ONLY = {"outbound_1000_w2", "ingest_1_w2", "ingest_50_w2"}  # several processes need PostgreSQL
 
 
 def run_one(name: str, db: str, quick: bool) -> dict[str, Any]:

@@ -120,6 +120,7 @@ def build_services(
         metrics=metrics,
         window_ms=settings.group_commit_window_ms,
         max_updates=settings.group_commit_max_updates,
+        writers=settings.ingest_writers,
     )
     outbox = OutboxWorker(
         db=db,

@@ -45,6 +45,12 @@ class Settings(BaseSettings):
     upload_max_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     group_commit_window_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
     group_commit_max_updates: int = Field(default=2000, ge=1)
+    ingest_writers: int = Field(
+        default=2,
+        ge=1,
+        le=8,
+        description="group-commit transactions in flight per process on PostgreSQL (SQLite: always 1)",
+    )
     audit_receipts: bool = Field(
         default=True,
         description="one audit entry per organisation and ingest transaction with what arrived (counts)",

@@ -1,5 +1,5 @@
 """The hot path's set-based statements (db.bulk_insert, db.any_of) and what concurrent ingest
-transactions on one PostgreSQL must get right (one contact per new patient)."""
+transactions on one PostgreSQL must get right (one contact per new patient, two groups in flight)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
-from tests.conftest import PNID
-from tests.helpers import all_rows, text_webhook
+from tests.conftest import APP_SECRET, PNID
+from tests.helpers import all_rows, post_webhook, text_webhook
 
+from pforte.audit import service as audit
 from pforte.channels.whatsapp import webhook
 from pforte.contacts.models import Contact
 from pforte.conversations.ingest import _Item
@@ -224,3 +225,51 @@ async def test_two_writers_on_the_same_conversations_never_deadlock(world):
         await asyncio.wait_for(asyncio.gather(writer("a", patients, r), writer("b", patients[::-1], r)), 30)
     convs = await all_rows(world.services, Conversation)
     assert sorted(c.unread_count for c in convs) == [17, 17, 17]
+
+
+async def test_a_process_keeps_two_groups_in_flight_on_postgresql_and_they_store_everything_once(
+    world, db_kind
+):
+    """``ingest_writers`` (2 by default): on PostgreSQL a second group is written while the first is
+    still in its transaction; SQLite keeps one writer. The first group is held until a second one
+    is in flight (or 2 s have passed), so one writer shows as a peak of 1."""
+    writer = world.services.ingest
+    expected = 2 if db_kind == "postgresql" else 1
+    assert writer.writers == expected
+    original = writer.ingestor.write
+    in_flight, peak, both = 0, 0, asyncio.Event()
+
+    async def write(conn: Any, items: list[_Item]) -> Any:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        if in_flight >= 2:
+            both.set()
+        try:
+            await asyncio.wait_for(both.wait(), 2)
+        except TimeoutError:
+            pass
+        try:
+            return await original(conn, items)
+        finally:
+            in_flight -= 1
+
+    writer.ingestor.write = write  # type: ignore[method-assign]
+    patients = [f"49151990{n:05d}" for n in range(5)]
+    bodies = [text_webhook(PNID, patients[i % 5], f"wamid.flight{i}", f"Frage {i}") for i in range(40)]
+    try:
+        answers = await asyncio.gather(
+            *(post_webhook(world.client, world.channel_id, b, APP_SECRET) for b in bodies),
+            *(post_webhook(world.client, world.channel_id, b, APP_SECRET) for b in bodies[:10]),  # re-sent
+        )
+    finally:
+        writer.ingestor.write = original  # type: ignore[method-assign]
+    assert [r.status_code for r in answers] == [200] * 50
+    assert peak == expected
+    messages = await all_rows(world.services, Message)
+    assert sorted(m.external_id for m in messages) == sorted(f"wamid.flight{i}" for i in range(40))
+    assert len(await all_rows(world.services, Contact)) == 5
+    convs = await all_rows(world.services, Conversation)
+    assert sorted(c.unread_count for c in convs) == [8] * 5
+    async with world.services.db.transaction() as s:
+        assert (await audit.verify(s, world.org_id)).ok

@@ -860,13 +860,15 @@ async def reconcile_pending_statuses(conn: AsyncConnection, *, limit: int = 500)
 
 
 class IngestWriter:
-    """Group commit: one writer task, one transaction per few-millisecond window.
+    """Group commit: writer tasks, one transaction per few-millisecond window each.
 
-    Several processes (``serve --workers``) each run a writer on one PostgreSQL: rows that their
-    transactions may both lock (conversations, the audit head) are touched last and in one order
-    (``Ingestor.write``), and new contacts are created under a lock (``Ingestor._resolve_contacts``).
-    A second writer task in one process was measured and did not raise the rate
-    (docs/performance.md), so there is one.
+    On PostgreSQL ``writers`` tasks (two by default) take groups from one queue, so one group's
+    statements run in the database while the next group is encrypted and built here; with one,
+    the process waited on each in turn (docs/performance.md, "Two groups in flight"). Their
+    transactions meet as two processes' do (``serve --workers``): rows that both may lock
+    (conversations, the audit head) are touched last and in one order (``Ingestor.write``), and
+    new contacts are created under a lock (``Ingestor._resolve_contacts``). SQLite has one
+    writer: its database takes one write transaction at a time.
     """
 
     def __init__(
@@ -878,6 +880,7 @@ class IngestWriter:
         metrics: Metrics,
         window_ms: float,
         max_updates: int,
+        writers: int = 1,
     ) -> None:
         self.db = db
         self.ingestor = ingestor
@@ -885,30 +888,34 @@ class IngestWriter:
         self.metrics = metrics
         self.window = window_ms / 1000.0
         self.max_updates = max_updates
+        self.writers = writers if db.dialect == "postgresql" else 1
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.on_parked: Callable[[], None] | None = None  # called after statuses were parked
 
     async def start(self) -> None:
-        """Start the writer task."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="pforte-ingest-writer")
+        """Start the writer tasks."""
+        if not self._tasks:
+            for n in range(self.writers):
+                self._tasks.append(asyncio.create_task(self._run(), name=f"pforte-ingest-writer-{n}"))
 
     async def stop(self) -> None:
         """Finish what is queued, then stop."""
-        if self._task is None:
+        if not self._tasks:
             return
         await self._queue.join()
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
-        self._task = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._tasks = []
 
     async def submit(self, channel: ChannelRuntime, batch: InboundBatch) -> IngestResult:
         """Queue a batch and wait until it is committed (or failed)."""
-        if self._task is None:
+        if not self._tasks:
             raise ServiceUnavailable("ingest writer is not running")
         fut: asyncio.Future[IngestResult] = asyncio.get_running_loop().create_future()
         await self._queue.put(_Item(channel=channel, batch=batch, future=fut))
