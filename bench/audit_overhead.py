@@ -33,7 +33,11 @@ def measure(db: str, rounds: int, seconds: int) -> dict[str, Any]:
                 os.environ["PFORTE_AUDIT_RECEIPTS"] = "true" if mode == "on" else "false"
                 r = ingest(db, batch, seconds, connections, rate)
                 runs[mode].append(
-                    {"updates_per_s": r["updates_per_s"], "p99_ms": r["wrk"]["p99_ms"], "errors": r["errors"]}
+                    {
+                        "updates_per_s": r["updates_per_s"],
+                        "p99_ms": r["load"]["p99_ms"],
+                        "errors": r["errors"],
+                    }
                 )
         os.environ.pop("PFORTE_AUDIT_RECEIPTS", None)
         off = statistics.median(x["updates_per_s"] for x in runs["off"])

@@ -278,6 +278,7 @@ def parse_wrk(text: str) -> dict[str, Any]:
             res: dict[str, Any] = json.loads(line[6:])
             res["requests_per_s"] = round(res["requests"] / res["duration_s"], 1) if res["duration_s"] else 0
             res["socket_errors"] = res["connect_errors"] + res["read_errors"] + res["write_errors"]
+            res["generator"] = "wrk (closed loop)"
             return res
     raise RuntimeError("wrk printed no summary:\n" + text[-2000:])
 
@@ -292,6 +293,90 @@ def run_wrk(url: str, path: str, tsv: Path, seconds: float, connections: int) ->
         timeout=seconds + 30,
     ).stdout
     return parse_wrk(out)
+
+
+# -- open loop -------------------------------------------------------------------------------------
+
+
+def run_open_loop(url: str, path: str, tsv: Path, posts_per_s: float, seconds: float) -> dict[str, Any]:
+    """POST the bodies of ``tsv`` at a fixed rate, whatever the answers take (an open loop).
+
+    wrk keeps a fixed number of requests in flight, so its latency is that number divided by the
+    rate (Little's law) and says little about a sender that pushes updates as they happen, as Meta
+    does. Here POST *i* is due at ``i / posts_per_s``; its latency runs from that moment to the
+    answer's last byte, so time spent waiting for a connection or behind a slow answer counts
+    (no coordinated omission). ``generator_lag_max_ms`` is how late this process itself sent a
+    POST: if it is large, the generator, not pforte, set the pace. Same keys as ``parse_wrk``.
+    """
+    import aiohttp
+
+    posts: list[tuple[str, bytes]] = []
+    with tsv.open() as fh:
+        for line in fh:
+            sig, body = line.rstrip("\n").split("\t", 1)
+            posts.append((sig, body.encode()))
+    due_count = min(len(posts), int(posts_per_s * seconds))
+
+    async def drive() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        latencies: list[float] = []
+        counts = {"ok": 0, "non_2xx": 0, "errors": 0}
+        lag = 0.0
+        connector = aiohttp.TCPConnector(limit=1024)
+        async with aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=30)
+        ) as http:
+
+            async def one(i: int, due: float) -> None:
+                sig, body = posts[i]
+                headers = {"Content-Type": "application/json", "X-Hub-Signature-256": sig}
+                try:
+                    async with http.post(url + path, data=body, headers=headers) as r:
+                        await r.read()
+                        counts["ok" if r.status == 200 else "non_2xx"] += 1
+                except (aiohttp.ClientError, TimeoutError):
+                    counts["errors"] += 1
+                    return
+                latencies.append((loop.time() - due) * 1000)
+                by_second.setdefault(int(due - start), []).append(latencies[-1])
+
+            by_second: dict[int, list[float]] = {}
+            start = loop.time() + 0.1
+            tasks = []
+            for i in range(due_count):
+                due = start + i / posts_per_s
+                if (wait := due - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                lag = max(lag, loop.time() - due)
+                tasks.append(asyncio.create_task(one(i, due)))
+            await asyncio.gather(*tasks)
+            elapsed = loop.time() - start
+        xs = sorted(latencies)
+
+        def pct(p: float) -> float:
+            return round(xs[min(len(xs) - 1, max(0, round(p / 100 * len(xs)) - 1))], 2) if xs else 0.0
+
+        return {
+            "generator": "open loop (bench/common.py run_open_loop)",
+            "offered_posts_per_s": posts_per_s,
+            "requests": counts["ok"] + counts["non_2xx"],
+            "duration_s": round(due_count / posts_per_s, 3),
+            # answered POSTs over the time they were offered in: the offered rate if all came back
+            "requests_per_s": round((counts["ok"] + counts["non_2xx"]) * posts_per_s / due_count, 1)
+            if due_count
+            else 0,
+            "answered_within_s": round(elapsed, 3),
+            "non_2xx": counts["non_2xx"],
+            "timeouts": 0,
+            "socket_errors": counts["errors"],
+            "generator_lag_max_ms": round(lag * 1000, 1),
+            **{f"p{p}_ms": pct(p) for p in (50, 90, 95, 99)},
+            "max_ms": round(xs[-1], 2) if xs else 0.0,
+            "mean_ms": round(sum(xs) / len(xs), 2) if xs else 0.0,
+            "max_ms_by_second": [round(max(by_second[k]), 1) for k in sorted(by_second)],
+        }
+
+    return asyncio.run(drive())
 
 
 # -- the process stack -----------------------------------------------------------------------------

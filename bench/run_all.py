@@ -48,6 +48,18 @@ SCENARIOS: dict[str, tuple[str, list[str], list[str], int]] = {
         ["--batch", "50", "--connections", "4", "--seconds", "3", "--expected-rate", "8000"],
         120,
     ),
+    "ingest_50_open": (  # 4,000 updates/s offered at a steady pace, as Meta pushes them; patients known
+        "webhook_ingest.py",
+        ["--batch", "50", "--seconds", "10", "--offered-rate", "4000", "--known-patients"],
+        ["--batch", "50", "--seconds", "4", "--offered-rate", "4000", "--known-patients"],
+        120,
+    ),
+    "ingest_50_open_3000": (
+        "webhook_ingest.py",
+        ["--batch", "50", "--seconds", "10", "--offered-rate", "3000", "--known-patients"],
+        ["--batch", "50", "--seconds", "4", "--offered-rate", "3000", "--known-patients"],
+        120,
+    ),
     "ingest_1000": (
         "webhook_ingest.py",
         ["--batch", "1000", "--connections", "4", "--seconds", "8", "--expected-rate", "8000"],
@@ -64,6 +76,12 @@ SCENARIOS: dict[str, tuple[str, list[str], list[str], int]] = {
         "status_ingest.py",
         ["--batch", "50", "--connections", "16", "--seconds", "8", "--expected-rate", "8000"],
         ["--batch", "50", "--connections", "16", "--seconds", "3", "--expected-rate", "8000"],
+        120,
+    ),
+    "status_50_open": (  # 3 × 1,000 outbound/s offered at a steady pace
+        "status_ingest.py",
+        ["--batch", "50", "--seconds", "10", "--offered-rate", "3000"],
+        ["--batch", "50", "--seconds", "4", "--offered-rate", "3000"],
         120,
     ),
     "outbound_80": (
@@ -112,6 +130,12 @@ SCENARIOS: dict[str, tuple[str, list[str], list[str], int]] = {
         ],
         120,
     ),
+    "ingest_50_open_w2": (
+        "webhook_ingest.py",
+        ["--batch", "50", "--seconds", "10", "--offered-rate", "4000", "--known-patients", "--workers", "2"],
+        ["--batch", "50", "--seconds", "4", "--offered-rate", "4000", "--known-patients", "--workers", "2"],
+        120,
+    ),
     "ingest_50_w2": (
         "webhook_ingest.py",
         [
@@ -155,7 +179,12 @@ SCENARIOS: dict[str, tuple[str, list[str], list[str], int]] = {
 }
 
 
-POSTGRESQL_ONLY = {"outbound_1000_w2", "ingest_1_w2", "ingest_50_w2"}  # several processes need PostgreSQL
+POSTGRESQL_ONLY = {
+    "outbound_1000_w2",
+    "ingest_1_w2",
+    "ingest_50_w2",
+    "ingest_50_open_w2",
+}  # several processes need PostgreSQL
 
 
 def run_one(name: str, db: str, quick: bool) -> dict[str, Any]:
@@ -197,10 +226,15 @@ def row(r: dict[str, Any]) -> dict[str, Any]:
     rss = r.get("peak_rss_mb", {})
     out["rss"] = " / ".join(f"{k} {v:.0f}" for k, v in rss.items())
     if key.startswith("ingest"):
-        w = r["wrk"]
+        w = r["load"]
         goal = 1000 if r["batch"] == 1 else 4000
+        pace = (
+            f"{r['offered_updates_per_s']:,}/s offered"
+            if r.get("offered_updates_per_s")
+            else f"{r['connections']} conns"
+        )
         out.update(
-            what=f"updates/s, {r['batch']} per POST, {r['connections']} conns"
+            what=f"updates/s, {r['batch']} per POST, {pace}"
             + (f", {r['workers']} processes" if r.get("workers", 1) > 1 else ""),
             value=f"{r['updates_per_s']:,}",
             p50=w["p50_ms"],
@@ -211,9 +245,10 @@ def row(r: dict[str, Any]) -> dict[str, Any]:
             met=r["updates_per_s"] >= goal and w["p99_ms"] < 250 and r["errors"] == 0,
         )
     elif key.startswith("status"):
-        w = r["wrk"]
+        w = r["load"]
+        pace = f", {r['offered_statuses_per_s']:,}/s offered" if r.get("offered_statuses_per_s") else ""
         out.update(
-            what=f"statuses/s ({r['batch']} per POST) = outbound/s × 3",
+            what=f"statuses/s ({r['batch']} per POST{pace}) = outbound/s × 3",
             value=f"{r['statuses_per_s']:,} (covers {r['covers_outbound_per_s']:,}/s out)",
             p50=w["p50_ms"],
             p95=w["p95_ms"],

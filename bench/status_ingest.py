@@ -1,6 +1,7 @@
 """Status-update ingest: sent/delivered/read webhooks for messages pforte sent (3 per outbound message).
 
     .venv/bin/python bench/status_ingest.py --db postgresql --batch 1 --seconds 8
+    .venv/bin/python bench/status_ingest.py --db postgresql --batch 50 --offered-rate 3000
 
 Every outbound message produces three status webhooks (sent, delivered, read), so keeping up with an
 outbound rate R means ingesting 3R statuses/s. The scenario starts a fresh stack, lets 1,000
@@ -19,7 +20,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-from common import ChannelSpec, Stack, base_args, emit, message_body, run_wrk, sign, status_body, write_signed
+from common import (
+    ChannelSpec,
+    Stack,
+    base_args,
+    emit,
+    message_body,
+    run_open_loop,
+    run_wrk,
+    sign,
+    status_body,
+    write_signed,
+)
 
 PNID = "100000000000778"
 PATIENTS = 1000
@@ -87,10 +99,12 @@ async def seed_outbound(sv: Any, channel_id: str, user_id: str, count: int) -> l
     return out
 
 
-def run(db: str, batch: int, seconds: int, connections: int, expected_rate: int) -> dict[str, Any]:
-    """One status-ingest measurement on a fresh stack."""
+def run(
+    db: str, batch: int, seconds: int, connections: int, expected_rate: int, offered_rate: int = 0
+) -> dict[str, Any]:
+    """One status-ingest measurement on a fresh stack: wrk's closed loop, or an open loop."""
     ch = ChannelSpec(PNID)
-    statuses_needed = int(expected_rate * seconds * 1.3)
+    statuses_needed = int(max(expected_rate, offered_rate) * seconds * 1.3)
     messages = max(1000, statuses_needed // 3)
     with Stack(db, [ch]) as stack:
         body = message_body(PNID, 0, PATIENTS, patients=PATIENTS, prefix="hello")
@@ -115,7 +129,10 @@ def run(db: str, batch: int, seconds: int, connections: int, expected_rate: int)
         tsv = write_signed(bodies(), ch.secret)
         try:
             stack.reset_rss()
-            wrk = run_wrk(stack.url, ch.webhook_path, tsv, seconds, connections)
+            if offered_rate:
+                load = run_open_loop(stack.url, ch.webhook_path, tsv, offered_rate / batch, seconds)
+            else:
+                load = run_wrk(stack.url, ch.webhook_path, tsv, seconds, connections)
         finally:
             tsv.unlink()
         rss, cpu, log = stack.rss(), stack.cpu(), stack.log_summary()
@@ -123,18 +140,19 @@ def run(db: str, batch: int, seconds: int, connections: int, expected_rate: int)
             stack.sql("select status, count(*) from messages where direction = 'out' group by status")
         )
         pending = stack.sql("select count(*) from pending_statuses")[0][0]
-    per_s = round(wrk["requests_per_s"] * batch)
+    per_s = round(load["requests_per_s"] * batch)
     return {
         "scenario": f"status_batch_{batch}",
         "db": db,
         "batch": batch,
-        "connections": connections,
+        "connections": 0 if offered_rate else connections,
+        "offered_statuses_per_s": offered_rate or None,
         "seconds": seconds,
         "outbound_seeded": messages,
         "statuses_per_s": per_s,
         "covers_outbound_per_s": round(per_s / 3),
-        "wrk": wrk,
-        "errors": wrk["non_2xx"] + wrk["socket_errors"] + wrk["timeouts"],
+        "load": load,
+        "errors": load["non_2xx"] + load["socket_errors"] + load["timeouts"],
         "final_states": states,
         "pending_statuses": pending,
         "peak_rss_mb": rss,
@@ -151,8 +169,13 @@ def main(argv: list[str] | None = None) -> None:
         seconds={"type": int, "default": 8},
         connections={"type": int, "default": 64},
         expected_rate={"type": int, "default": 3000, "help": "statuses/s to pre-sign bodies for"},
+        offered_rate={
+            "type": int,
+            "default": 0,
+            "help": "statuses/s sent at a fixed pace, whatever the answers take (open loop); 0: wrk",
+        },
     )
-    result = run(args.db, args.batch, args.seconds, args.connections, args.expected_rate)
+    result = run(args.db, args.batch, args.seconds, args.connections, args.expected_rate, args.offered_rate)
     emit(result, args.json_out)
 
 

@@ -3,16 +3,18 @@
     PFORTE_BENCH_TRACE=/tmp/trace.json .venv/bin/python bench/traced_serve.py
 
 Wraps, at runtime and without touching src/: the send handlers (a chunk, a single send), the
-pacer, the Graph API call, the ingest writer's group transaction and its steps, every SQL
-statement's round trip (by its first words), and every ``engine.begin()`` entry (waiting for a
-pooled connection plus BEGIN). On exit the timings (count, mean, p50/p95/p99 ms) go to the trace
-file. The outbound and ingest scenarios use it with ``--trace``.
+pacer, the Graph API call, the ingest writer's group transaction and its steps, the garbage
+collector's pauses, every SQL statement's round trip (by its first words), and every
+``engine.begin()`` entry (waiting for a pooled connection plus BEGIN). On exit the timings (count,
+mean, p50/p95/p99 ms) go to the trace file. The outbound and ingest scenarios use it with
+``--trace``.
 """
 
 from __future__ import annotations
 
 import atexit
 import functools
+import gc
 import json
 import os
 import threading
@@ -48,6 +50,7 @@ def dump() -> None:
             "mean_ms": round(sum(xs) / n, 2),
             **{f"p{p}_ms": round(xs[min(n - 1, int(p / 100 * n))], 2) for p in (50, 95, 99)},
         }
+    out["gc objects"] = {"tracked": len(gc.get_objects()), "frozen": gc.get_freeze_count()}
     with open(os.environ["PFORTE_BENCH_TRACE"], "w") as fh:
         json.dump(out, fh)
 
@@ -98,6 +101,16 @@ def patch() -> None:
         TIMES["engine.begin() body + COMMIT"].append((time.perf_counter() - t1) * 1000)
 
     AsyncEngine.begin = begin  # type: ignore[method-assign]
+
+    gc_started: dict[int, float] = {}
+
+    def _gc(phase: str, info: dict[str, Any]) -> None:  # each collection's pause, by generation
+        if phase == "start":
+            gc_started[info["generation"]] = time.perf_counter()
+        elif (t0 := gc_started.pop(info["generation"], None)) is not None:
+            TIMES[f"gc pause, generation {info['generation']}"].append((time.perf_counter() - t0) * 1000)
+
+    gc.callbacks.append(_gc)
     atexit.register(dump)
 
     def every_second() -> None:  # uvicorn's exit path may skip atexit; keep the file current

@@ -3,12 +3,16 @@
     .venv/bin/python bench/webhook_ingest.py --db sqlite --batch 1 --seconds 8 --connections 64
     .venv/bin/python bench/webhook_ingest.py --db postgresql --batch 50 --connections 16
     .venv/bin/python bench/webhook_ingest.py --db postgresql --batch 1000 --connections 4
+    .venv/bin/python bench/webhook_ingest.py --db postgresql --batch 50 --offered-rate 4000
 
 Starts pforte in its own process with a fresh database and data directory (``common.Stack``),
 pre-signs enough webhook bodies (unique wamids, 1,000 distinct patients, ``--batch`` text messages
 per POST) and replays them with ``wrk`` (C, from Debian: a Python client tops out near 250
-requests/s here and would measure itself). Prints JSON: updates/s, p50/p90/p95/p99 latency per POST,
-non-2xx answers and socket errors, rows actually stored, pforte's peak RSS.
+requests/s here and would measure itself), which keeps ``--connections`` POSTs in flight. With
+``--offered-rate`` the bodies go out at that many updates/s instead, whatever the answers take
+(``common.run_open_loop``; a Python client is fine at 80 POSTs/s). Prints JSON: updates/s,
+p50/p90/p95/p99 latency per POST, non-2xx answers and socket errors, rows actually stored,
+pforte's peak RSS.
 """
 
 from __future__ import annotations
@@ -16,9 +20,21 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from common import ChannelSpec, Stack, base_args, emit, message_body, run_wrk, write_signed
+import httpx
+from common import (
+    ChannelSpec,
+    Stack,
+    base_args,
+    emit,
+    message_body,
+    run_open_loop,
+    run_wrk,
+    sign,
+    write_signed,
+)
 
 PNID = "100000000000777"
+PATIENTS = 1000  # message_body's default rotation
 
 
 def run(
@@ -30,36 +46,51 @@ def run(
     profile: str | None = None,
     trace: str | None = None,
     workers: int = 1,
+    offered_rate: int = 0,
+    known_patients: bool = False,
 ) -> dict[str, Any]:
-    """One ingest measurement on a fresh stack."""
+    """One ingest measurement on a fresh stack: wrk's closed loop, or an open loop at ``offered_rate``."""
     ch = ChannelSpec(PNID)
     # Enough distinct bodies that wrk does not wrap around (a repeat would be a cheap duplicate).
-    posts = max(int(expected_rate * seconds * 1.5 / batch), 200 if batch < 100 else 40)
+    posts = max(int(max(expected_rate, offered_rate) * seconds * 1.5 / batch), 200 if batch < 100 else 40)
     with Stack(db, [ch], trace=trace, workers=workers) as stack:
         tsv = write_signed((message_body(PNID, i * batch, batch) for i in range(posts)), ch.secret)
+        if known_patients:  # every patient has written before: no contact is created while measuring
+            hello = message_body(PNID, 0, PATIENTS, patients=PATIENTS, prefix="hello")
+            httpx.post(
+                stack.url + ch.webhook_path,
+                content=hello,
+                headers={"Content-Type": "application/json", "X-Hub-Signature-256": sign(hello, ch.secret)},
+                timeout=60,
+            ).raise_for_status()
         try:
             stack.reset_rss()
             spy = stack.profile(profile, seconds)
-            wrk = run_wrk(stack.url, ch.webhook_path, tsv, seconds, connections)
+            if offered_rate:
+                load = run_open_loop(stack.url, ch.webhook_path, tsv, offered_rate / batch, seconds)
+            else:
+                load = run_wrk(stack.url, ch.webhook_path, tsv, seconds, connections)
             if spy:
                 spy.wait(30)
         finally:
             tsv.unlink()
         rss, cpu, log = stack.rss(), stack.cpu(), stack.log_summary()
-        stored = stack.sql("select count(*) from messages")[0][0]
+        stored = stack.sql("select count(*) from messages")[0][0] - (PATIENTS if known_patients else 0)
     return {
         "scenario": f"ingest_batch_{batch}",
         "db": db,
         "batch": batch,
-        "connections": connections,
+        "connections": 0 if offered_rate else connections,
+        "offered_updates_per_s": offered_rate or None,
+        "patients_known_before": known_patients,
         "workers": workers,
         "seconds": seconds,
         "posts_prepared": posts,
-        "updates_per_s": round(wrk["requests_per_s"] * batch),
-        "wrk": wrk,
-        "errors": wrk["non_2xx"] + wrk["socket_errors"] + wrk["timeouts"],
+        "updates_per_s": round(load["requests_per_s"] * batch),
+        "load": load,
+        "errors": load["non_2xx"] + load["socket_errors"] + load["timeouts"],
         "messages_stored": stored,
-        "messages_answered_200": (wrk["requests"] - wrk["non_2xx"]) * batch,
+        "messages_answered_200": (load["requests"] - load["non_2xx"]) * batch,
         "peak_rss_mb": rss,
         "cpu_cores_used": cpu,
         "pforte_log": log,
@@ -76,6 +107,15 @@ def main(argv: list[str] | None = None) -> None:
         expected_rate={"type": int, "default": 4000, "help": "updates/s to pre-sign bodies for"},
         trace={"default": None, "help": "run bench/traced_serve.py; its timings to this JSON file"},
         workers={"type": int, "default": 1, "help": "pforte serve --workers (PostgreSQL only)"},
+        offered_rate={
+            "type": int,
+            "default": 0,
+            "help": "updates/s sent at a fixed pace, whatever the answers take (open loop); 0: wrk",
+        },
+        known_patients={
+            "action": "store_true",
+            "help": f"all {PATIENTS} patients write once before the measurement (no new contacts in it)",
+        },
     )
     emit(
         run(
@@ -87,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
             args.profile,
             args.trace,
             args.workers,
+            args.offered_rate,
+            args.known_patients,
         ),
         args.json_out,
     )

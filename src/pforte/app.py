@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,13 +22,23 @@ from pforte.web.security import SecurityHeaders
 log = logging.getLogger("pforte.app")
 
 
-def create_app(services: Services, *, manage_lifespan: bool = True) -> FastAPI:
-    """Build the app around a composition root; the lifespan starts and stops its workers."""
+def create_app(services: Services, *, manage_lifespan: bool = True, freeze_gc: bool = False) -> FastAPI:
+    """Build the app around a composition root; the lifespan starts and stops its workers.
+
+    ``freeze_gc`` (a server process, once): after start-up, everything alive so far (modules,
+    table metadata, compiled statements, settings) moves out of the garbage collector's reach, so
+    a full collection scans only what requests create. Without it a full collection paused the
+    event loop for about 100 ms, three times in ten seconds of webhook load (docs/performance.md,
+    "Pauses of the garbage collector").
+    """
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         if manage_lifespan:
             await services.start()
+        if freeze_gc:
+            gc.collect()
+            gc.freeze()
         try:
             yield
         finally:
