@@ -623,6 +623,16 @@ class Stack:
             stderr=subprocess.DEVNULL,
         )
 
+    def patients_write_once(self, ch: ChannelSpec, patients: int = 1000) -> None:
+        """Every patient writes once (one batched webhook), so their contacts and conversations exist."""
+        body = message_body(ch.pnid, 0, patients, patients=patients, prefix="hello")
+        httpx.post(
+            self.url + ch.webhook_path,
+            content=body,
+            headers={"Content-Type": "application/json", "X-Hub-Signature-256": sign(body, ch.secret)},
+            timeout=60,
+        ).raise_for_status()
+
     def reset_rss(self) -> None:
         """Start a new peak for each process, and a new CPU-time mark (see ``cpu``)."""
         for pid in [*self.app_pids().values(), *([self.sim_proc.pid] if self.sim_proc else [])]:

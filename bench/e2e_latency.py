@@ -137,13 +137,7 @@ def run(db: str, probes: int, seconds: int, connections: int) -> dict[str, Any]:
     """One end-to-end measurement on a fresh stack."""
     ch = ChannelSpec(PNID)
     with Stack(db, [ch]) as stack:
-        body = message_body(PNID, 0, PATIENTS, patients=PATIENTS, prefix="hello")
-        httpx.post(
-            stack.url + ch.webhook_path,
-            content=body,
-            headers={"Content-Type": "application/json", "X-Hub-Signature-256": sign(body, ch.secret)},
-            timeout=60,
-        ).raise_for_status()
+        stack.patients_write_once(ch, PATIENTS)
         known = {r[0] for r in stack.sql("select id from conversations")}
         cookie = stack.login()
         stack.reset_rss()

@@ -19,16 +19,13 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
 from common import (
     ChannelSpec,
     Stack,
     base_args,
     emit,
-    message_body,
     run_open_loop,
     run_wrk,
-    sign,
     status_body,
     write_signed,
 )
@@ -107,14 +104,7 @@ def run(
     statuses_needed = int(max(expected_rate, offered_rate) * seconds * 1.3)
     messages = max(1000, statuses_needed // 3)
     with Stack(db, [ch]) as stack:
-        body = message_body(PNID, 0, PATIENTS, patients=PATIENTS, prefix="hello")
-        r = httpx.post(
-            stack.url + ch.webhook_path,
-            content=body,
-            headers={"Content-Type": "application/json", "X-Hub-Signature-256": sign(body, ch.secret)},
-            timeout=60,
-        )
-        r.raise_for_status()
+        stack.patients_write_once(ch, PATIENTS)
         sent = stack.with_services(lambda sv: seed_outbound(sv, ch.id, stack.user_id, messages))
 
         def bodies() -> Any:

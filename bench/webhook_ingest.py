@@ -20,7 +20,6 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import httpx
 from common import (
     ChannelSpec,
     Stack,
@@ -29,7 +28,6 @@ from common import (
     message_body,
     run_open_loop,
     run_wrk,
-    sign,
     write_signed,
 )
 
@@ -55,14 +53,8 @@ def run(
     posts = max(int(max(expected_rate, offered_rate) * seconds * 1.5 / batch), 200 if batch < 100 else 40)
     with Stack(db, [ch], trace=trace, workers=workers) as stack:
         tsv = write_signed((message_body(PNID, i * batch, batch) for i in range(posts)), ch.secret)
-        if known_patients:  # every patient has written before: no contact is created while measuring
-            hello = message_body(PNID, 0, PATIENTS, patients=PATIENTS, prefix="hello")
-            httpx.post(
-                stack.url + ch.webhook_path,
-                content=hello,
-                headers={"Content-Type": "application/json", "X-Hub-Signature-256": sign(hello, ch.secret)},
-                timeout=60,
-            ).raise_for_status()
+        if known_patients:  # no contact is created while measuring
+            stack.patients_write_once(ch, PATIENTS)
         try:
             stack.reset_rss()
             spy = stack.profile(profile, seconds)
