@@ -29,7 +29,7 @@ def create_app(services: Services, *, manage_lifespan: bool = True, freeze_gc: b
     table metadata, compiled statements, settings) moves out of the garbage collector's reach, so
     a full collection scans only what requests create. Without it a full collection paused the
     event loop for about 100 ms, three times in ten seconds of webhook load (docs/performance.md,
-    "Pauses of the garbage collector").
+    "The webhook's edge, two groups in flight, and the garbage collector").
     """
 
     @asynccontextmanager

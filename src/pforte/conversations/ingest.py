@@ -864,7 +864,7 @@ class IngestWriter:
 
     On PostgreSQL ``writers`` tasks (two by default) take groups from one queue, so one group's
     statements run in the database while the next group is encrypted and built here; with one,
-    the process waited on each in turn (docs/performance.md, "Two groups in flight"). Their
+    the process waited on each in turn (docs/performance.md, "two groups in flight"). Their
     transactions meet as two processes' do (``serve --workers``): rows that both may lock
     (conversations, the audit head) are touched last and in one order (``Ingestor.write``), and
     new contacts are created under a lock (``Ingestor._resolve_contacts``). SQLite has one
