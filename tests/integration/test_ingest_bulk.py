@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from tests.conftest import APP_SECRET, PNID
-from tests.helpers import all_rows, post_webhook, text_webhook
+from tests.helpers import all_rows, post_webhook, staff_reply, text_webhook
 
 from pforte.audit import service as audit
 from pforte.channels.whatsapp import webhook
@@ -44,6 +44,21 @@ def _job(n: int, when: datetime, payload: Any) -> dict[str, Any]:
     }
 
 
+def _parked(channel_id: str, ext: str, status: str) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    return {
+        "id": new_id(),
+        "channel_id": channel_id,
+        "external_id": ext,
+        "status": status,
+        "provider_ts": now,
+        "error_code": None,
+        "error_title": None,
+        "received_at": now,
+        "details": None,
+    }
+
+
 async def test_bulk_insert_keeps_every_column_type(world):
     when = datetime(2026, 11, 22, 9, 30, 15, 123456, tzinfo=UTC)
     rows = [
@@ -70,23 +85,9 @@ async def test_bulk_insert_keeps_every_column_type(world):
 
 
 async def test_bulk_insert_skips_conflicts_and_returns_only_what_it_inserted(world):
-    now = datetime.now(UTC)
-
-    def parked(ext: str, status: str) -> dict[str, Any]:
-        return {
-            "id": new_id(),
-            "channel_id": world.channel_id,
-            "external_id": ext,
-            "status": status,
-            "provider_ts": now,
-            "error_code": None,
-            "error_title": None,
-            "received_at": now,
-            "details": None,
-        }
-
-    first = [parked("wamid.1", "sent"), parked("wamid.1", "delivered")]
-    again = [parked("wamid.1", "sent"), parked("wamid.2", "sent")]  # the first one is a duplicate
+    ch = world.channel_id
+    first = [_parked(ch, "wamid.1", "sent"), _parked(ch, "wamid.1", "delivered")]
+    again = [_parked(ch, "wamid.1", "sent"), _parked(ch, "wamid.2", "sent")]  # the first one is a duplicate
     async with world.services.db.engine.begin() as conn:
         assert await bulk_insert(conn, PS, []) == []
         key = ("channel_id", "external_id", "status")
@@ -273,3 +274,85 @@ async def test_a_process_keeps_two_groups_in_flight_on_postgresql_and_they_store
     assert sorted(c.unread_count for c in convs) == [8] * 5
     async with world.services.db.transaction() as s:
         assert (await audit.verify(s, world.org_id)).ok
+
+
+async def test_reconcile_applies_the_statuses_whose_send_is_now_recorded_and_keeps_the_others(world):
+    from pforte.conversations.ingest import reconcile_pending_statuses
+
+    message_id = await staff_reply(world, external_id="wamid.recorded", status="accepted")
+    async with world.services.db.engine.begin() as conn:
+        await bulk_insert(
+            conn,
+            PS,
+            [
+                _parked(world.channel_id, "wamid.recorded", "sent"),
+                _parked(world.channel_id, "wamid.recorded", "delivered"),
+                _parked(world.channel_id, "wamid.elsewhere", "read"),  # sent by another app: stays parked
+            ],
+        )
+    async with world.services.db.engine.begin() as conn:
+        assert await reconcile_pending_statuses(conn) == 1  # one message, both its statuses
+    async with world.services.db.transaction() as s:
+        stored = (await s.execute(select(Message).where(Message.id == message_id))).scalar_one()
+    assert stored.status == "delivered" and stored.sent_at is not None and stored.delivered_at is not None
+    assert [(p.external_id, p.status) for p in await all_rows(world.services, PendingStatus)] == [
+        ("wamid.elsewhere", "read")
+    ]
+    async with world.services.db.engine.begin() as conn:
+        assert await reconcile_pending_statuses(conn) == 0
+
+
+# sqlite_stat1 as ANALYZE wrote it for the bench's 1,000,000 messages (bench/inbox_pages.py); an
+# empty pending_statuses has no row. SQLite lets an application write these statistics.
+BENCH_STATS = [
+    ("ix_messages_org_created", "1000000 1000000 1"),
+    ("ix_messages_conversation_created", "1000000 10 1"),
+    ("ix_messages_parent_id", "1000000 1000000"),
+    ("ix_messages_contact", "1000000 10"),
+    ("ix_messages_org_status", "1000000 1000000 500000"),
+    ("sqlite_autoindex_messages_3", "1000000 10 10"),
+    ("sqlite_autoindex_messages_2", "1000000 1000000 1"),
+    ("sqlite_autoindex_messages_1", "1000000 1"),
+]
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite"], indirect=True)
+async def test_reconcile_starts_from_the_parked_statuses_not_from_every_message(world):
+    """The periodic reconcile runs under SQLite's write lock every 2 s: its plan must not scan messages.
+
+    With a million messages' statistics, the old join scanned ``messages`` (0.4–0.7 s a run).
+    """
+    from sqlalchemy import event, text
+
+    from pforte.conversations.ingest import reconcile_pending_statuses
+
+    seen: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        if "pending_statuses" in statement and statement.lstrip().upper().startswith("SELECT"):
+            seen.append((statement, params))
+
+    engine = world.services.db.engine
+    async with engine.begin() as conn:
+        await conn.execute(text("ANALYZE"))
+        await conn.execute(text("DELETE FROM sqlite_stat1 WHERE tbl IN ('messages', 'pending_statuses')"))
+        for idx, stat in BENCH_STATS:
+            await conn.execute(
+                text("INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES ('messages', :i, :s)"),
+                {"i": idx, "s": stat},
+            )
+    await engine.dispose()  # statistics are read when a connection opens
+    event.listen(engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        async with engine.begin() as conn:
+            await reconcile_pending_statuses(conn)
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", capture)
+    ((statement, params),) = seen
+    async with engine.connect() as conn:
+        raw = (await conn.get_raw_connection()).driver_connection
+        cursor = await raw.execute("EXPLAIN QUERY PLAN " + statement, params)
+        plan = [row[-1] for row in await cursor.fetchall()]
+    assert any("pending_statuses" in step for step in plan), plan
+    assert not [step for step in plan if step.startswith("SCAN") and "messages" in step], plan
+    assert [step for step in plan if step.startswith("SEARCH") and "messages" in step], plan
