@@ -200,3 +200,32 @@ def most_in_one_second(arrivals: list[float]) -> int:
     """The most arrivals any sliding one-second window holds (what the Cloud API counts)."""
     arrivals = sorted(arrivals)
     return max(sum(1 for u in arrivals[i:] if u < t + 1.0) for i, t in enumerate(arrivals))
+
+
+async def staff_reply(world: Any, **row: Any) -> str:
+    """The patient writes, staff answer "Antwort"; the answer's row then gets ``row`` (a recorded
+    wamid, a status) and its send job is marked done, so no worker touches it. Returns its id."""
+    from sqlalchemy import update
+    from tests.conftest import PNID
+
+    from pforte.conversations import service as conv
+    from pforte.conversations.models import Message
+    from pforte.outbox.models import Job
+
+    await world.sim.patient_send_text(user=world.patient, phone_number_id=PNID, text="Hallo")
+    await world.settle()
+    now = world.services.clock.now()
+    async with world.services.db.transaction() as s:
+        (conversation,) = await conv.list_(session=s, keys=world.services.keys, org_id=world.org_id, now=now)
+        msg = await conv.send_text(
+            session=s,
+            keys=world.services.keys,
+            org_id=world.org_id,
+            conversation_id=conversation.id,
+            user_id=world.staff_id,
+            text="Antwort",
+            now=now,
+        )
+        await s.execute(update(Message).where(Message.id == msg.id).values(**row))
+        await s.execute(update(Job).values(state="done"))
+    return str(msg.id)

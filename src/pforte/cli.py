@@ -94,7 +94,7 @@ def app_factory() -> Any:
 
     s = load_settings()
     logs.configure(s.log_level, s.log_format)
-    return create_app(build_services(s), freeze_gc=True)
+    return create_app(build_services(s), server_gc=True)
 
 
 @app.command()

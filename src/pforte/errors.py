@@ -17,6 +17,10 @@ numbers or tokens. Channel failures have their own tree in ``pforte.channels.bas
 
 from __future__ import annotations
 
+# How a dependency that is away (the database) is answered, by the app and by the webhook's edge.
+UNAVAILABLE = {"error": "unavailable"}
+RETRY_AFTER_SECONDS = 5
+
 
 class PforteError(Exception):
     """Base class; ``code`` is stable and machine-readable."""

@@ -6,10 +6,18 @@ import asyncio
 import json
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 from tests.conftest import APP_SECRET, PNID
-from tests.helpers import all_rows, count_items, fixture_bytes, fixture_names, metric, post_webhook
+from tests.helpers import (
+    all_rows,
+    count_items,
+    fixture_bytes,
+    fixture_names,
+    metric,
+    post_webhook,
+    staff_reply,
+)
 
 from pforte.channels.whatsapp.routes import WebhookEdge
 from pforte.conversations.models import Attachment, Message
@@ -240,40 +248,18 @@ async def test_status_for_unknown_send_is_parked_and_applied_when_the_send_is_re
     (pending,) = await all_rows(world.services, PendingStatus)
     assert pending.status == "read"
     # A staff message whose send result (that wamid) is recorded only now.
-    await world.sim.patient_send_text(user=world.patient, phone_number_id=PNID, text="Hallo")
-    await world.settle()
-    from pforte.conversations import service as conv
-
-    async with world.services.db.transaction() as s:
-        (row,) = await conv.list_(
-            session=s, keys=world.services.keys, org_id=world.org_id, now=world.services.clock.now()
-        )
-        msg = await conv.send_text(
-            session=s,
-            keys=world.services.keys,
-            org_id=world.org_id,
-            conversation_id=row.id,
-            user_id=world.staff_id,
-            text="Antwort",
-            now=world.services.clock.now(),
-        )
-        await s.execute(
-            update(Message)
-            .where(Message.id == msg.id)
-            .values(external_id=pending.external_id, status="accepted")
-        )
-        await s.execute(update(Job).values(state="done"))
+    message_id = await staff_reply(world, external_id=pending.external_id, status="accepted")
     async with world.services.db.engine.begin() as conn:
         changes = await ingest.apply_pending_statuses(
             conn,
             channel_id=world.channel_id,
-            message_id=msg.id,
+            message_id=message_id,
             external_id=pending.external_id,
             state=MessageState(status="accepted"),
         )
     assert changes["status"] == "read"
     async with world.services.db.transaction() as s:
-        stored = (await s.execute(select(Message).where(Message.id == msg.id))).scalar_one()
+        stored = (await s.execute(select(Message).where(Message.id == message_id))).scalar_one()
     assert stored.status == "read" and stored.read_at is not None
     assert await all_rows(world.services, PendingStatus) == []
 
@@ -284,34 +270,16 @@ async def test_concurrent_status_writers_cannot_downgrade(world):
 
     from pforte.conversations import ingest
 
-    await world.sim.patient_send_text(user=world.patient, phone_number_id=PNID, text="Hallo")
-    await world.settle()
-    from pforte.conversations import service as conv
-
     now = world.services.clock.now()
-    async with world.services.db.transaction() as s:
-        (row,) = await conv.list_(session=s, keys=world.services.keys, org_id=world.org_id, now=now)
-        msg = await conv.send_text(
-            session=s,
-            keys=world.services.keys,
-            org_id=world.org_id,
-            conversation_id=row.id,
-            user_id=world.staff_id,
-            text="Antwort",
-            now=now,
-        )
-        await s.execute(
-            update(Message).where(Message.id == msg.id).values(status="delivered", delivered_at=now)
-        )
-        await s.execute(update(Job).values(state="done"))
+    message_id = await staff_reply(world, status="delivered", delivered_at=now)
     t_sent = now - timedelta(seconds=5)
     async with world.services.db.engine.begin() as conn:
         # What a writer that still believed the message "accepted" would have computed:
-        await ingest.apply_changes(conn, {msg.id: {"status": "sent", "sent_at": t_sent}})
+        await ingest.apply_changes(conn, {message_id: {"status": "sent", "sent_at": t_sent}})
         await ingest.apply_changes(
             conn,
             {
-                msg.id: {
+                message_id: {
                     "status": "failed",
                     "failed_at": now,
                     "error_code": 131026,
@@ -319,9 +287,9 @@ async def test_concurrent_status_writers_cannot_downgrade(world):
                 }
             },
         )
-        await ingest.apply_changes(conn, {msg.id: {"delivered_at": now + timedelta(seconds=9)}})
+        await ingest.apply_changes(conn, {message_id: {"delivered_at": now + timedelta(seconds=9)}})
     async with world.services.db.transaction() as s:
-        m = (await s.execute(select(Message).where(Message.id == msg.id))).scalar_one()
+        m = (await s.execute(select(Message).where(Message.id == message_id))).scalar_one()
     assert m.status == "delivered"
     assert m.sent_at == t_sent  # an empty timestamp is filled ...
     assert m.delivered_at == now  # ... a set one is never replaced

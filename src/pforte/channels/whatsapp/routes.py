@@ -11,12 +11,13 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pforte.channels.base import InboundBatch
 from pforte.channels.service import ChannelRuntime
 from pforte.channels.whatsapp import webhook
-from pforte.errors import NotFoundError, PayloadTooLarge, PforteError
+from pforte.errors import RETRY_AFTER_SECONDS, UNAVAILABLE, NotFoundError, PayloadTooLarge, PforteError
 from pforte.web.security import HEADERS as SECURITY_HEADERS
 
 if TYPE_CHECKING:
@@ -116,18 +117,18 @@ class WebhookEdge:
     async def _serve(self, channel_id: str, scope: Scope, receive: Receive, send: Send) -> None:
         services = self.services
         try:
-            body = await _read_body(scope, receive, services.settings.webhook_max_bytes)
+            headers = Headers(scope=scope)
+            body = await _read_body(headers, receive, services.settings.webhook_max_bytes)
             if body is None:  # the client went away before its body arrived: nothing to answer
                 return
-            signature = _header(scope, b"x-hub-signature-256")
-            await ingest_webhook(services, channel_id, body, signature)
+            await ingest_webhook(services, channel_id, body, headers.get("x-hub-signature-256"))
         except PforteError as exc:
             body = _json({"error": exc.code, "message": exc.message})
             await _respond(send, exc.http_status, body, JSON, RETRY if exc.http_status == 503 else [])
             return
         except (OperationalError, DBAPIError, OSError) as exc:
             log.warning("dependency unavailable", extra={"error": type(exc).__name__})
-            await _respond(send, 503, _json({"error": "unavailable"}), JSON, RETRY)
+            await _respond(send, 503, _json(UNAVAILABLE), JSON, RETRY)
             return
         except Exception as exc:
             services.reporter.capture(exc)
@@ -139,19 +140,12 @@ class WebhookEdge:
 PREFIX = "/webhooks/whatsapp/"
 JSON = b"application/json"
 TEXT = b"text/plain; charset=utf-8"
-RETRY = [(b"retry-after", b"5")]  # a 503: the database is away; Meta re-delivers in any case
+RETRY = [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())]  # on a 503; Meta re-delivers in any case
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key.lower() == name:
-            return str(value.decode("latin-1"))
-    return None
-
-
-async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+async def _read_body(headers: Headers, receive: Receive, limit: int) -> bytes | None:
     """The request body, refused past ``limit`` (declared or streamed); None if the client left."""
-    declared = _header(scope, b"content-length")
+    declared = headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge("webhook body over the size limit")
     chunks: list[bytes] = []
