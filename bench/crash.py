@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -711,6 +712,7 @@ class CrashRun:
                 1 for d in deliveries for code in d["status_codes"] if code != 200
             ),
             "webhook_given_up": len(given_up),
+            "webhook_ack_delay_s": ack_delays(deliveries),
             "staff_status_behind_simulator": len(status_behind),
             "statuses_parked": parked,
             "jobs": jobs,
@@ -789,6 +791,33 @@ class CrashRun:
         else:
             result["workdir"] = str(self.workdir)
         return result
+
+
+def ack_delays(deliveries: list[dict[str, Any]]) -> dict[str, Any]:
+    """How much later than its first attempt each acknowledged webhook was answered 200.
+
+    This is what the kills cost a patient's message: the restart plus the simulator's retry
+    schedule (``--retry-schedule``; Meta's own is longer). Seconds, for all deliveries and for
+    those that needed more than one attempt.
+    """
+
+    def stats(xs: list[float]) -> dict[str, Any]:
+        xs = sorted(xs)
+        if not xs:
+            return {"count": 0}
+        at = [round(xs[min(len(xs) - 1, int(q * len(xs)))], 3) for q in (0.5, 0.99)]
+        return {"count": len(xs), "p50": at[0], "p99": at[1], "max": round(xs[-1], 3)}
+
+    every, retried = [], []
+    for d in deliveries:
+        if d["state"] != "delivered" or 200 not in d["status_codes"]:
+            continue
+        times = [datetime.fromisoformat(t) for t in d["attempted_at"]]
+        delay = (times[d["status_codes"].index(200)] - times[0]).total_seconds()
+        every.append(delay)
+        if len(times) > 1:
+            retried.append(delay)
+    return {"all": stats(every), "retried": stats(retried)}
 
 
 def _message_id_for(html: str, body: str) -> str | None:

@@ -55,6 +55,8 @@ def test_crash_harness_kill9_under_load(db_kind: str, tmp_path: Path) -> None:
     assert result["staff_sent"] + result["staff_in_review"] == result["staff_accepted"]
     assert result["staff_lost"] == result["staff_failed"] == result["staff_sent_twice_unflagged"] == 0
     assert result["webhook_given_up"] == 0
+    # every delivery was answered 200 in the end, so each has a delay until acknowledged
+    assert result["webhook_ack_delay_s"]["all"]["count"] == result["webhook_deliveries"]
     # the audit chain written by transactions that raced kill -9 verifies, and holds their entries
     assert result["audit_chain"]["ok"] is True
     assert result["audit_chain"]["entries"] > 0

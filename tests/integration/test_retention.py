@@ -43,7 +43,7 @@ async def _patients(world, n: int) -> dict[str, str]:
                 data=b"\x89PNG\r\n\x1a\n" + b"x" * 64,
                 mime_type="image/png",
             )
-    await world.settle()
+        await world.settle()  # one patient after the other: webhooks arrive in any order otherwise
     async with world.services.db.transaction() as s:
         rows = (
             await s.execute(

@@ -154,6 +154,7 @@ async def test_control_api_roundtrip(env: Env) -> None:
     hooks = (await env.client.get("/_sim/webhooks")).json()
     assert {h["phone_number_id"] for h in hooks} >= {"555"}
     assert all(h["state"] == "delivered" for h in hooks)
+    assert all(len(h["attempted_at"]) == len(h["status_codes"]) >= 1 for h in hooks)
 
 
 async def test_lifespan_starts_and_stops_delivery_loop() -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -322,7 +324,40 @@ async def test_receiver_in_another_asgi_app() -> None:
         seen.append(await request.body())
         return Response(status_code=200)
 
-    app = create_simulator_app(SimulatorConfig(), webhook_transport=httpx.ASGITransport(app=receiver_app))
+    sim, user = await _sim_towards(receiver_app)
+    try:
+        await sim.patient_send_text(user=user, phone_number_id="1", text="x")
+        await sim.drain()
+    finally:
+        await sim.stop()
+    assert len(seen) == 1
+    assert json.loads(seen[0])["entry"][0]["changes"][0]["value"]["contacts"][0]["wa_id"] == "49151000"
+
+
+def _slow_receiver() -> tuple[FastAPI, dict[str, int], asyncio.Event]:
+    """A webhook receiver that holds every POST until ``release`` is set; counts what is in flight."""
+    app = FastAPI()
+    seen = {"now": 0, "most": 0, "answered": 0}
+    release = asyncio.Event()
+
+    @app.post("/webhooks/whatsapp")
+    async def hook(request: Request) -> Response:
+        await request.body()
+        seen["now"] += 1
+        seen["most"] = max(seen["most"], seen["now"])
+        await release.wait()
+        seen["now"] -= 1
+        seen["answered"] += 1
+        return Response(status_code=200)
+
+    return app, seen, release
+
+
+async def _sim_towards(receiver: FastAPI, concurrency: int = 8) -> tuple[Any, Any]:
+    """A started simulator with one number whose webhooks go to ``receiver``, and one patient."""
+    app = create_simulator_app(
+        SimulatorConfig(webhook_concurrency=concurrency), webhook_transport=httpx.ASGITransport(app=receiver)
+    )
     sim = app.state.sim
     sim.add_number(
         phone_number_id="1",
@@ -331,12 +366,47 @@ async def test_receiver_in_another_asgi_app() -> None:
         app_secret="s",
         webhook_url="http://pforte/webhooks/whatsapp",
     )
-    user = sim.add_user(name="P", wa_id="+49 151 000")
     await sim.start()
+    return sim, sim.add_user(name="P", wa_id="+49 151 000")
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+async def test_webhooks_are_delivered_concurrently_up_to_the_configured_number(concurrency: int) -> None:
+    """Meta delivers concurrently: a slow answer does not hold up the next update (reference §1)."""
+    receiver, seen, release = _slow_receiver()
+    sim, user = await _sim_towards(receiver, concurrency)
     try:
-        await sim.patient_send_text(user=user, phone_number_id="1", text="x")
+        for n in range(10):
+            await sim.patient_send_text(user=user, phone_number_id="1", text=f"#{n}")
+        for _ in range(200):  # until as many POSTs are held as may be in flight
+            if seen["now"] == concurrency:
+                break
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.05)  # and no more follow
+        assert seen["now"] == concurrency
+        release.set()
         await sim.drain()
+        assert seen["answered"] == 10 and seen["most"] == concurrency
+        assert all(d.state == "delivered" and d.status_codes == [200] for d in sim.webhook_log[-10:])
     finally:
+        release.set()
         await sim.stop()
-    assert len(seen) == 1
-    assert json.loads(seen[0])["entry"][0]["changes"][0]["value"]["contacts"][0]["wa_id"] == "49151000"
+
+
+async def test_stopping_puts_the_attempts_in_flight_back_in_the_queue() -> None:
+    receiver, seen, release = _slow_receiver()
+    sim, user = await _sim_towards(receiver, 4)
+    for n in range(3):
+        await sim.patient_send_text(user=user, phone_number_id="1", text=f"#{n}")
+    for _ in range(200):
+        if seen["now"] == 3:
+            break
+        await asyncio.sleep(0.005)
+    assert seen["now"] == 3
+    await sim.stop()
+    assert sim.queue.pending == 3  # nothing answered 200, nothing lost
+    release.set()
+    await sim.start()
+    await sim.drain()
+    await sim.stop()
+    assert [d.state for d in sim.webhook_log] == ["delivered"] * 3

@@ -315,6 +315,7 @@ def _add_control_routes(app: FastAPI, sim: Simulator) -> None:
                     "updates": d.update_count,
                     "state": d.state,
                     "status_codes": d.status_codes,
+                    "attempted_at": [a.at.isoformat() for a in d.attempts],
                 }
                 for d in sim.webhook_log
             ]

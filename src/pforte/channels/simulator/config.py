@@ -48,6 +48,8 @@ class SimulatorConfig:
     retry_schedule_s: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE_S
     give_up_after_s: float = SEVEN_DAYS_S
     webhook_timeout_s: float = 5.0
+    # Webhook POSTs in flight at once; Meta delivers concurrently, so order is not guaranteed.
+    webhook_concurrency: int = 8
     # Up to this many queued updates for one number go in one POST (Meta allows 1000).
     batch_max: int = 1
     pair_limit_enabled: bool = True
@@ -62,6 +64,8 @@ class SimulatorConfig:
         """Reject settings that would make the simulator misbehave silently."""
         if not 1 <= self.batch_max <= 1000:
             raise ValueError("batch_max must be between 1 and 1000")
+        if not 1 <= self.webhook_concurrency <= 256:
+            raise ValueError("webhook_concurrency must be between 1 and 256")
         if not self.retry_schedule_s:
             raise ValueError("retry_schedule_s must not be empty")
         if self.window_mode not in ("async", "sync"):

@@ -6,7 +6,9 @@ Two kinds of job share the queue: webhook POST attempts and simulator actions du
 * only HTTP 200 acknowledges a delivery; everything else (other 2xx, 4xx/5xx, timeouts, connection
   errors) is retried with the configured backoff, always with the identical body;
 * attempts stop once the next one would fall later than ``give_up_after_s`` (7 days) after the first;
-* up to ``batch_max`` fresh updates for one number may share a POST.
+* up to ``batch_max`` fresh updates for one number may share a POST;
+* up to ``webhook_concurrency`` POSTs are in flight at once ("Meta attempts to deliver webhooks
+  concurrently"), so a later update may arrive first.
 
 The loop idles on an event, not on the clock, so a FakeClock only moves while something is due.
 """
@@ -108,6 +110,7 @@ class DeliveryQueue:
         self._idle.set()
         self._held = False
         self._task: asyncio.Task[None] | None = None
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._client: httpx.AsyncClient | None = None
         self.log: list[WebhookDelivery] = []
 
@@ -142,7 +145,7 @@ class DeliveryQueue:
         self._wake.set()
 
     async def stop(self) -> None:
-        """Stop the loop and close the client; queued jobs stay queued."""
+        """Stop the loop and close the client; queued jobs stay queued (attempts in flight too)."""
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -150,6 +153,10 @@ class DeliveryQueue:
                 await task
             except asyncio.CancelledError:
                 pass
+        attempts, self._in_flight = self._in_flight, set()
+        for attempt in attempts:
+            attempt.cancel()
+        await asyncio.gather(*attempts, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -184,8 +191,8 @@ class DeliveryQueue:
 
     @property
     def pending(self) -> int:
-        """Queued jobs plus fresh updates not yet turned into deliveries."""
-        return len(self._heap) + len(self._fresh)
+        """Queued jobs, attempts in flight, and fresh updates not yet turned into deliveries."""
+        return len(self._heap) + len(self._in_flight) + len(self._fresh)
 
     def _poke(self) -> None:
         self._idle.clear()
@@ -219,7 +226,7 @@ class DeliveryQueue:
             self._wake.clear()
             self._form_deliveries()
             if not self._heap:
-                if not self._fresh or self._held:
+                if not self._in_flight and (not self._fresh or self._held):
                     self._idle.set()
                 await self._wake.wait()
                 continue
@@ -228,14 +235,29 @@ class DeliveryQueue:
             if delay > 0:
                 await self._sleep_or_wake(delay)
                 continue
-            heapq.heappop(self._heap)
             if isinstance(job, _Action):
+                heapq.heappop(self._heap)
                 try:
                     job.run()
                 except Exception:
                     log.exception("simulator action failed")
+            elif len(self._in_flight) < self._config.webhook_concurrency:
+                heapq.heappop(self._heap)
+                attempt = asyncio.get_running_loop().create_task(self._attempt_in_flight(job))
+                self._in_flight.add(attempt)
             else:
-                await self._attempt(job)
+                await self._wake.wait()  # an attempt that ends wakes the loop
+
+    async def _attempt_in_flight(self, delivery: WebhookDelivery) -> None:
+        try:
+            await self._attempt(delivery)
+        except asyncio.CancelledError:  # stop(): the delivery goes back to the queue, not lost
+            if delivery.state == "pending" and not any(job is delivery for _, _, job in self._heap):
+                heapq.heappush(self._heap, (self._clock.monotonic(), next(self._seq), delivery))
+            raise
+        finally:
+            self._in_flight.discard(asyncio.current_task())  # type: ignore[arg-type]
+            self._wake.set()
 
     async def _sleep_or_wake(self, delay: float) -> None:
         sleeper = asyncio.ensure_future(self._clock.sleep(delay))
