@@ -222,11 +222,17 @@ def time_pages(stack: Stack, cookie: str, conv_ids: list[str], requests: int) ->
 
 
 def run(
-    db: str, conversations: int, messages: int, requests: int, do_explain: bool, profile: str | None
+    db: str,
+    conversations: int,
+    messages: int,
+    requests: int,
+    do_explain: bool,
+    profile: str | None,
+    trace: str | None = None,
 ) -> dict[str, Any]:
     """Seed and measure on a fresh stack."""
     ch = ChannelSpec(PNID)
-    with Stack(db, [ch]) as stack:
+    with Stack(db, [ch], trace=trace) as stack:
         seeded = stack.with_services(
             lambda sv: asyncio.wait_for(seed(sv, ch.id, conversations, messages), 600)
         )
@@ -271,9 +277,18 @@ def main(argv: list[str] | None = None) -> None:
         messages={"type": int, "default": 1_000_000},
         requests={"type": int, "default": 200},
         explain={"action": "store_true"},
+        trace={"default": None, "help": "run bench/traced_serve.py; its timings to this JSON file"},
     )
     emit(
-        run(args.db, args.conversations, args.messages, args.requests, args.explain, args.profile),
+        run(
+            args.db,
+            args.conversations,
+            args.messages,
+            args.requests,
+            args.explain,
+            args.profile,
+            args.trace,
+        ),
         args.json_out,
     )
 

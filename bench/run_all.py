@@ -233,6 +233,13 @@ def row(r: dict[str, Any]) -> dict[str, Any]:
             if r.get("offered_updates_per_s")
             else f"{r['connections']} conns"
         )
+        offered = r.get("offered_updates_per_s") or 0
+        if 0 < offered < goal:  # a load below the target rate: does it answer everything within 250 ms?
+            target = f"{offered:,}/s answered, p99 < 250 ms (below the {goal:,}/s target)"
+            met = r["updates_per_s"] >= 0.99 * offered and w["p99_ms"] < 250 and r["errors"] == 0
+        else:
+            target = f"≥ {goal:,}/s, p99 < 250 ms"
+            met = r["updates_per_s"] >= goal and w["p99_ms"] < 250 and r["errors"] == 0
         out.update(
             what=f"updates/s, {r['batch']} per POST, {pace}"
             + (f", {r['workers']} processes" if r.get("workers", 1) > 1 else ""),
@@ -241,8 +248,8 @@ def row(r: dict[str, Any]) -> dict[str, Any]:
             p95=w["p95_ms"],
             p99=w["p99_ms"],
             errors=r["errors"],
-            target=f"≥ {goal:,}/s, p99 < 250 ms",
-            met=r["updates_per_s"] >= goal and w["p99_ms"] < 250 and r["errors"] == 0,
+            target=target,
+            met=met,
         )
     elif key.startswith("status"):
         w = r["load"]
@@ -362,7 +369,14 @@ def main() -> None:
     ap.add_argument("--db", default="sqlite,postgresql")
     ap.add_argument("--only", default=",".join(SCENARIOS))
     ap.add_argument("--no-doc", action="store_true", help="do not touch docs/performance.md")
+    ap.add_argument("--from-json", default=None, help="write the table of an earlier run's JSON again")
     args = ap.parse_args()
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        print(table(report["results"]))
+        if not args.no_doc:
+            write_doc(report, report["quick"])
+        return
     started = datetime.now(UTC)
     results = []
     for db in args.db.split(","):

@@ -61,7 +61,7 @@ def patch() -> None:
 
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
-    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
     from pforte.channels.whatsapp import client
     from pforte.conversations import ingest, jobs
@@ -101,6 +101,7 @@ def patch() -> None:
         TIMES["engine.begin() body + COMMIT"].append((time.perf_counter() - t1) * 1000)
 
     AsyncEngine.begin = begin  # type: ignore[method-assign]
+    AsyncSession.commit = timed("AsyncSession.commit", AsyncSession.commit)  # type: ignore[method-assign]
 
     gc_started: dict[int, float] = {}
 
