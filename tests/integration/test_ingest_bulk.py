@@ -302,6 +302,58 @@ async def test_reconcile_applies_the_statuses_whose_send_is_now_recorded_and_kee
         assert await reconcile_pending_statuses(conn) == 0
 
 
+class _ParksAfterFirstLook:
+    """A connection that lets another transaction park a status (and commit) right after the first
+    statement this one runs on pending_statuses: the moment a read-then-delete would lose it."""
+
+    def __init__(self, conn: Any, park: Any) -> None:
+        self._conn, self._park, self.parked = conn, park, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    async def execute(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        result = await self._conn.execute(statement, *args, **kwargs)
+        if not self.parked and PS.name in str(statement):
+            self.parked = True
+            await self._park()
+        return result
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])  # SQLite has one writer: the other must wait
+async def test_a_status_parked_while_a_send_is_recorded_is_applied_or_stays_parked_never_lost(world):
+    """The send's result takes the statuses parked for its wamid. "delivered" arrives in another
+    transaction that commits between this one's statements; it must not be deleted unread."""
+    from pforte.conversations.ingest import apply_pending_statuses_many, reconcile_pending_statuses
+    from pforte.conversations.status import MessageState
+
+    message_id = await staff_reply(world, external_id="wamid.race", status="accepted")
+    engine = world.services.db.engine
+    async with engine.begin() as conn:
+        await bulk_insert(conn, PS, [_parked(world.channel_id, "wamid.race", "sent")])
+
+    async def park_delivered() -> None:
+        async with engine.begin() as other:
+            await bulk_insert(other, PS, [_parked(world.channel_id, "wamid.race", "delivered")])
+
+    async with engine.begin() as conn:
+        racing = _ParksAfterFirstLook(conn, park_delivered)
+        changes = await apply_pending_statuses_many(
+            racing,  # type: ignore[arg-type]
+            channel_id=world.channel_id,
+            sends={"wamid.race": (message_id, MessageState(status="accepted"))},
+        )
+    assert racing.parked and changes[message_id]["status"] == "sent"
+    left = [(p.external_id, p.status) for p in await all_rows(world.services, PendingStatus)]
+    assert left == [("wamid.race", "delivered")]  # still parked, so the reconcile applies it
+    async with engine.begin() as conn:
+        assert await reconcile_pending_statuses(conn) == 1
+    async with world.services.db.transaction() as s:
+        stored = (await s.execute(select(Message).where(Message.id == message_id))).scalar_one()
+    assert stored.status == "delivered" and stored.delivered_at is not None
+    assert await all_rows(world.services, PendingStatus) == []
+
+
 # sqlite_stat1 as ANALYZE wrote it for the bench's 1,000,000 messages (bench/inbox_pages.py); an
 # empty pending_statuses has no row. SQLite lets an application write these statistics.
 BENCH_STATS = [

@@ -781,18 +781,26 @@ async def apply_pending_statuses_many(
     sends: dict[str, tuple[str, status_policy.MessageState]],
 ) -> dict[str, dict[str, Any]]:
     """``apply_pending_statuses`` for many just-recorded sends (wamid → message id, state) at once:
-    one query finds the parked statuses of all of them (usually none)."""
+    one statement takes the parked statuses of all of them (usually none).
+
+    They are taken with DELETE … RETURNING, never read first and deleted by wamid after: on
+    PostgreSQL each statement sees what was committed before it began, so a status parked by
+    another transaction between a SELECT and a later DELETE would have been deleted unread, and
+    lost (a reply stayed "sent" after its "delivered" arrived). A status parked after this
+    statement stays parked for ``reconcile_pending_statuses``.
+    """
     if not sends:
         return {}
-    rows = (
+    taken = (
         await conn.execute(
-            select(PS)
+            PS.delete()
             .where(PS.c.channel_id == channel_id, any_of(conn.dialect.name, PS.c.external_id, sends))
-            .order_by(PS.c.provider_ts)
+            .returning(PS.c.external_id, PS.c.status, PS.c.provider_ts, PS.c.error_code, PS.c.error_title)
         )
     ).all()
-    if not rows:
+    if not taken:
         return {}
+    rows = sorted(taken, key=lambda r: (r.provider_ts, status_policy.STATUS_RANK.get(r.status, -1)))
     changes: dict[str, dict[str, Any]] = {}
     states = {ext: state for ext, (_, state) in sends.items()}
     for r in rows:
@@ -809,11 +817,6 @@ async def apply_pending_statuses_many(
                     for k in ("status", "sent_at", "delivered_at", "read_at", "failed_at")
                 }
             )
-    await conn.execute(
-        PS.delete().where(
-            PS.c.channel_id == channel_id, PS.c.external_id.in_(sorted({r.external_id for r in rows}))
-        )
-    )
     if changes:
         await apply_changes(conn, changes)
     return changes
