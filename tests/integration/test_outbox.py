@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import httpx
@@ -13,6 +14,7 @@ from tests.helpers import all_rows
 from pforte.channels.models import Channel
 from pforte.conversations import service as conv
 from pforte.conversations.models import Conversation, Message
+from pforte.errors import NotFoundError
 from pforte.outbox.models import Job
 
 
@@ -189,7 +191,8 @@ async def test_expired_token_takes_the_channel_down_until_an_admin_fixes_it(worl
     assert len(world.sim.business_messages(PNID)) == 1
 
 
-async def test_worker_crash_after_send_started_marks_for_review_and_never_resends(world):
+async def _crashed_after_send_started(world) -> tuple[str, str]:
+    """A staff message whose worker died after starting its send: (conversation id, message id)."""
     cid = await _conversation(world)
     mid = await _send(world, cid)
     worker = world.services.outbox
@@ -200,6 +203,11 @@ async def test_worker_crash_after_send_started_marks_for_review_and_never_resend
         await s.execute(update(Job).values(locked_until=world.services.clock.now() - timedelta(seconds=1)))
     assert await worker.recover_stale() == 1
     await world.settle()
+    return cid, mid
+
+
+async def test_worker_crash_after_send_started_marks_for_review_and_never_resends(world):
+    cid, mid = await _crashed_after_send_started(world)
     m = await _message(world, mid)
     assert (m.status, m.review_reason) == ("review", "outcome_unknown")
     assert [j.state for j in await _jobs(world)] == ["review"]
@@ -216,6 +224,40 @@ async def test_worker_crash_after_send_started_marks_for_review_and_never_resend
         )
     await world.settle()
     assert len(world.sim.business_messages(PNID)) == 1
+
+
+@pytest.mark.parametrize("db_kind", ["postgresql"])  # SQLite has one writer: the second waits before reading
+async def test_two_staff_resending_one_message_at_once_send_it_once(world):
+    """Two decisions on one message in review (two staff, or a double click): the second finds
+    the decision taken and is told so; one send job, one message to the patient."""
+    cid, mid = await _crashed_after_send_started(world)
+
+    async def decide(action: str) -> None:
+        async with world.services.db.transaction() as s:
+            await conv.resolve_review(
+                session=s,
+                org_id=world.org_id,
+                conversation_id=cid,
+                message_id=mid,
+                action=action,
+                now=world.services.clock.now(),
+            )
+            if action == "resend":
+                await asyncio.sleep(0.5)  # decided, not yet committed, while the other one starts
+
+    first = asyncio.create_task(decide("resend"))
+    await asyncio.sleep(0.1)
+    second = asyncio.create_task(decide("resend"))
+    await first
+    with pytest.raises(NotFoundError):
+        await second
+    discard_after = asyncio.create_task(decide("discard"))
+    with pytest.raises(NotFoundError):
+        await discard_after
+    assert sorted(j.state for j in await _jobs(world)) == ["queued", "review"]
+    await world.settle()
+    assert len(world.sim.business_messages(PNID)) == 1
+    assert (await _message(world, mid)).status in ("accepted", "sent", "delivered")
 
 
 async def test_worker_crash_before_send_started_requeues_and_sends_once(world):

@@ -864,8 +864,27 @@ async def resolve_review(
         raise NotFoundError("no message awaiting review")
     if action not in ("resend", "discard"):
         raise ValidationError("unknown action", code="invalid_action")
+    # The decision is taken only while the message is still in review, in the UPDATE itself: two
+    # staff (or one double click) deciding at once must not queue two sends of one message. The
+    # second UPDATE waits for the first's row lock, then finds the status changed.
+    decided = await session.execute(
+        update(Message)
+        .where(Message.id == msg.id, Message.status == "review")
+        .values(
+            {"status": "queued", "review_reason": None}
+            if action == "resend"
+            else {
+                "status": "failed",
+                "error_reason": "not_sent_after_review",
+                "failed_at": now,
+                "review_reason": None,
+            }
+        )
+        .execution_options(synchronize_session="fetch")
+    )
+    if decided.rowcount != 1:  # type: ignore[attr-defined]
+        raise NotFoundError("no message awaiting review")
     if action == "resend":
-        msg.status, msg.review_reason = "queued", None
         await outbox.enqueue(
             session=session,
             org_id=org_id,
@@ -873,12 +892,6 @@ async def resolve_review(
             channel_id=msg.channel_id,
             payload={"message_id": msg.id},
             now=now,
-        )
-    else:
-        await session.execute(
-            update(Message)
-            .where(Message.id == msg.id)
-            .values(status="failed", error_reason="not_sent_after_review", failed_at=now, review_reason=None)
         )
 
 
