@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 
@@ -10,8 +11,16 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from starlette.concurrency import run_in_threadpool
 
 _hasher = PasswordHasher()  # argon2id with the library's defaults
-# A hash of a random password, verified when the e-mail is unknown so timing does not tell.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A hash of a random password, verified when the e-mail is unknown so timing does not tell.
+
+    Made at the first such login, in the worker thread, not at import: one argon2 hash (~170 ms)
+    was a visible part of every start, which a restart after a crash waits for.
+    """
+    return _hasher.hash(secrets.token_urlsafe(16))
 
 
 async def hash_password(password: str) -> str:
@@ -24,7 +33,7 @@ async def verify_password(password_hash: str | None, password: str) -> bool:
 
     def _check() -> bool:
         try:
-            return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+            return _hasher.verify(password_hash or _dummy_hash(), password) and password_hash is not None
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return False
 
