@@ -6,9 +6,13 @@ staff replies through the outbox) and deleted through the service layer the inbo
 
 from __future__ import annotations
 
+from typing import Any
+
+import httpx
 import pytest
 from sqlalchemy import func, select
 from tests.conftest import PNID
+from tests.helpers import all_rows
 from tests.integration.test_encryption_at_rest import _search
 
 from pforte.audit import service as audit
@@ -22,6 +26,7 @@ from pforte.crypto.models import DataKey
 from pforte.deletion import service as deletion
 from pforte.deletion.models import Tombstone
 from pforte.errors import CryptoError, NotFoundError
+from pforte.outbox.models import Job
 from pforte.retention import service as retention
 from pforte.retention import sweeper
 
@@ -408,3 +413,51 @@ async def test_a_deleted_message_leaves_no_ciphertext_in_the_sqlite_file(world, 
     async with sv.db.engine.begin() as c:
         await c.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
     assert body not in raw()
+
+
+class _DeletesDuringDownload(httpx.AsyncBaseTransport):
+    """Runs ``during`` (a deletion, committed) when the download asks the provider for the file."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, during: Any) -> None:
+        self.inner, self.during, self.ran = inner, during, False
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method == "GET" and not self.ran:
+            self.ran = True
+            await self.during()
+        return await self.inner.handle_async_request(request)
+
+
+@pytest.mark.dsk("I.7")
+async def test_an_attachment_deleted_while_its_download_runs_stays_deleted_and_leaves_no_file(world, db_kind):
+    sv = world.services
+
+    async def delete_it() -> None:
+        (att,) = await all_rows(sv, Attachment)
+        async with sv.db.transaction() as s:
+            await deletion.delete_attachment(
+                s,
+                sv.eraser,
+                org_id=world.org_id,
+                attachment_id=att.id,
+                actor=CLI,
+                reason="staff",
+                now=sv.clock.now(),
+            )
+
+    racing = _DeletesDuringDownload(sv.http._transport, delete_it)
+    sv.http._transport = racing
+    await world.sim.patient_send_media(
+        user=world.patient,
+        phone_number_id=PNID,
+        kind="image",
+        data=b"\xff\xd8\xff" + b"r" * 64,
+        mime_type="image/jpeg",
+    )
+    await world.settle()
+    assert racing.ran
+    (att,) = await all_rows(sv, Attachment)
+    assert (att.state, att.blob_name) == ("deleted", None)
+    assert [p for p in sv.blobs.root.rglob("*") if p.is_file()] == []  # the fetched file went too
+    (job,) = [j for j in await all_rows(sv, Job) if j.kind == "download_media"]
+    assert job.state == "done"

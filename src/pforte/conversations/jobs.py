@@ -74,6 +74,7 @@ MAX_MEDIA_ATTEMPTS = 8
 DOWN_RECHECK_SECONDS = 30.0
 CHUNK_SECONDS = 0.05  # a send chunk holds this many seconds of the channel's rate (50 at 1,000/s)
 SENDABLE = ("queued", "sending")  # a message in any other state is not sent (again)
+DOWNLOADABLE = ("pending", "failed")  # an attachment "stored" or "deleted" is never fetched (again)
 MEDIA_DOWNLOADS = 16  # inbound media fetched at once per process (each holds a file in memory)
 
 
@@ -429,7 +430,7 @@ async def download_media(deps: JobDeps, job: ClaimedJob) -> None:
     rt = await deps.channels.get(deps.db.sessionmaker, job.channel_id or "")
     async with deps.db.engine.begin() as conn:
         att = (await conn.execute(select(A).where(A.c.id == aid))).first()
-        if att is None or att.state == "stored":
+        if att is None or att.state not in DOWNLOADABLE:
             await finish(conn, job, state="done", now=now)
             return
         msg = (
@@ -453,7 +454,7 @@ async def download_media(deps: JobDeps, job: ClaimedJob) -> None:
             "attempts": job.attempts,
         }
         async with deps.db.engine.begin() as conn:
-            await conn.execute(update(A).where(A.c.id == aid).values(**state))
+            await conn.execute(update(A).where(A.c.id == aid, A.c.state.in_(DOWNLOADABLE)).values(**state))
             await finish(
                 conn,
                 job,
@@ -468,9 +469,9 @@ async def download_media(deps: JobDeps, job: ClaimedJob) -> None:
         return
     blob = deps.blobs.put(cipher=cipher, attachment_id=aid, data=data)
     async with deps.db.engine.begin() as conn:
-        await conn.execute(
+        stored = await conn.execute(
             update(A)
-            .where(A.c.id == aid)
+            .where(A.c.id == aid, A.c.state.in_(DOWNLOADABLE))
             .values(
                 state="stored",
                 blob_name=blob,
@@ -481,6 +482,10 @@ async def download_media(deps: JobDeps, job: ClaimedJob) -> None:
             )
         )
         await finish(conn, job, state="done", now=deps.clock.now())
+    if stored.rowcount != 1:
+        # Deleted (or its message, conversation or patient) while the file was on its way: the
+        # deletion stands, and the file it never knew of goes too.
+        deps.blobs.delete(blob)
     deps.bus.publish(LiveEvent(org_id=rt.org_id, type="conversation", conversation_id=msg.conversation_id))
 
 
