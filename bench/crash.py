@@ -103,6 +103,9 @@ class Options:
     patients: int = 20
     min_uptime: float = 0.2
     max_uptime: float = 2.0
+    # After the last kill pforte runs under load at least this long: a slow host (long restarts)
+    # used up the load time in kills, and no staff message could get its answer.
+    final_uptime: float = 3.0
     startup_kill_ratio: float = 0.15  # this share of the kills hits pforte before it is ready
     retry_schedule: tuple[float, ...] = (0.2, 0.5, 1.0, 2.0)
     lease_seconds: float = 2.0
@@ -513,7 +516,7 @@ class CrashRun:
             await self._start_pforte()
             remaining = self.opts.seconds - (time.monotonic() - started)
             if self.kills >= self.opts.kills:
-                await self._watch(max(0.0, remaining))
+                await self._watch(max(self.opts.final_uptime, remaining))
                 return
             uptime = self.rng.uniform(self.opts.min_uptime, self.opts.max_uptime)
             await self._watch(uptime)
