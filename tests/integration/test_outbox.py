@@ -511,6 +511,34 @@ async def test_read_receipts_only_when_the_organisation_enables_them(world, enab
         assert (await s.get(Conversation, cid)).unread_count == 0
 
 
+@pytest.mark.parametrize(
+    "db_kind", ["postgresql"]
+)  # SQLite: the page's write would wait or fail, not interleave
+async def test_a_message_arriving_while_the_page_opens_stays_unread(world):
+    """The page reads the thread (1 unread), a patient message commits, then the page clears
+    what it showed: the new message is still counted unread, not lost from the count."""
+    cid = await _conversation(world)
+    async with world.services.db.transaction() as s:
+        now = world.services.clock.now()
+        view = await conv.get(
+            session=s, keys=world.services.keys, org_id=world.org_id, conversation_id=cid, now=now
+        )
+        assert view.unread_count == 1  # what the page shows
+        await world.sim.patient_send_text(user=world.patient, phone_number_id=PNID, text="Noch etwas")
+        await world.settle()  # committed by the ingest while the page's transaction is open
+        await conv.mark_seen(
+            session=s, org_id=world.org_id, conversation_id=cid, now=now, shown=view.unread_count
+        )
+    async with world.services.db.transaction() as s:
+        assert (await s.get(Conversation, cid)).unread_count == 1
+    async with world.services.db.transaction() as s:  # opened again: now it is seen
+        await conv.mark_seen(
+            session=s, org_id=world.org_id, conversation_id=cid, now=world.services.clock.now()
+        )
+    async with world.services.db.transaction() as s:
+        assert (await s.get(Conversation, cid)).unread_count == 0
+
+
 async def test_a_runner_that_lost_its_lease_neither_sends_nor_finishes(world):
     cid = await _conversation(world)
     mid = await _send(world, cid)

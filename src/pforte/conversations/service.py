@@ -13,8 +13,9 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.attributes import set_committed_value
 
 from pforte.audit import service as audit
 from pforte.audit.service import SYSTEM, Actor
@@ -439,12 +440,31 @@ def _assemble(views: list[MessageView], *, now: datetime, wait: timedelta) -> li
     return [changed.get(v.id, v) for v in views]
 
 
-async def mark_seen(*, session: AsyncSession, org_id: str, conversation_id: str, now: datetime) -> None:
-    """Staff opened the conversation: clear the unread count; send a read receipt only if the org allows."""
+async def mark_seen(
+    *, session: AsyncSession, org_id: str, conversation_id: str, now: datetime, shown: int | None = None
+) -> None:
+    """Staff opened the conversation: clear the unread count; send a read receipt only if the org allows.
+
+    ``shown`` is the unread count the page read with the thread it shows; only that many are
+    taken off, in SQL, so a patient message committed since (the page waits for the audit head,
+    which the ingest holds) stays unread. Setting the column to 0 lost the ingest's increment.
+    Without ``shown`` (the CLI, tests) everything counts as seen.
+    """
     conv, _, channel = await _load(session, org_id, conversation_id)
-    if conv.unread_count == 0:
+    seen = conv.unread_count if shown is None else shown
+    if seen <= 0:
         return
-    conv.unread_count = 0
+    unread = Conversation.unread_count
+    left = (
+        await session.execute(
+            update(Conversation)
+            .where(Conversation.id == conv.id)
+            .values(unread_count=case((unread > seen, unread - seen), else_=0))
+            .returning(unread)
+            .execution_options(synchronize_session=False)
+        )
+    ).scalar_one()
+    set_committed_value(conv, "unread_count", left)
     org = await session.get(Organisation, org_id)
     if org is not None and orgs.setting(org, "send_read_receipts"):
         last_in = (

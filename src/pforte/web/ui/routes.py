@@ -365,7 +365,11 @@ async def conversation_page(
     )
     if user.role != "auditor":
         await conv.mark_seen(
-            session=session, org_id=user.org_id, conversation_id=conversation_id, now=services.clock.now()
+            session=session,
+            org_id=user.org_id,
+            conversation_id=conversation_id,
+            now=services.clock.now(),
+            shown=thread["view"].unread_count,
         )
     ctx = await _sidebar(session, services, user)
     from pforte.web.ui.lifecycle import conversation_extras
@@ -407,7 +411,11 @@ async def messages_partial(
         )
     if seen and user.role != "auditor":
         await conv.mark_seen(
-            session=session, org_id=user.org_id, conversation_id=conversation_id, now=services.clock.now()
+            session=session,
+            org_id=user.org_id,
+            conversation_id=conversation_id,
+            now=services.clock.now(),
+            shown=thread["view"].unread_count,
         )
     await _commit(session)
     # The composer is replaced only when the window or the consent state changed, so typed text is not lost.
