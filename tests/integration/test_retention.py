@@ -22,6 +22,7 @@ from pforte.conversations.models import Attachment, Conversation, Message, Pendi
 from pforte.crypto.models import DataKey
 from pforte.deletion import service as deletion
 from pforte.deletion.models import Tombstone
+from pforte.orgs import service as orgs
 from pforte.outbox.models import Job
 from pforte.retention import service as retention
 from pforte.retention import sweeper
@@ -299,3 +300,38 @@ async def test_two_sweepers_at_once_delete_each_conversation_once(world, db_kind
     assert await _count(world, Tombstone, Tombstone.kind == "conversation") == 6
     async with sv.db.transaction() as s:
         assert (await audit.verify(s, world.org_id)).ok
+
+
+@pytest.mark.dsk("I.7")
+@pytest.mark.parametrize(
+    "db_kind", ["postgresql"]
+)  # SQLite has one writer: the second save waits before reading
+async def test_two_admins_saving_different_settings_at_once_keep_both(world):
+    """One admin changes the retention period while another switches read receipts on: each
+    save rewrites the settings JSON, so each must start from the other's committed change."""
+    sv = world.services
+
+    async def retention_days() -> None:
+        async with sv.db.transaction() as s:
+            await retention.set_org_retention(
+                s, org_id=world.org_id, enabled=True, days=30, actor=CLI, now=sv.clock.now()
+            )
+            await asyncio.sleep(0.5)  # saved, not yet committed, while the other admin saves
+
+    async def read_receipts() -> None:
+        async with sv.db.transaction() as s:
+            await orgs.update_settings(
+                session=s,
+                org_id=world.org_id,
+                changes={"send_read_receipts": True},
+                actor=CLI,
+                now=sv.clock.now(),
+            )
+
+    first = asyncio.create_task(retention_days())
+    await asyncio.sleep(0.1)
+    await asyncio.gather(first, read_receipts())
+    async with sv.db.transaction() as s:
+        org = await orgs.get(session=s, org_id=world.org_id)
+        assert orgs.setting(org, "retention_days") == 30
+        assert orgs.setting(org, "send_read_receipts") is True

@@ -67,9 +67,13 @@ async def create(
     return org
 
 
-async def get(*, session: AsyncSession, org_id: str) -> Organisation:
-    """One organisation by id."""
-    org = await session.get(Organisation, org_id)
+async def get(*, session: AsyncSession, org_id: str, for_update: bool = False) -> Organisation:
+    """One organisation by id; ``for_update`` to change it: the row is locked and read afresh.
+
+    Settings are one JSON value rewritten whole, so a change must start from the row as it is
+    now; two admins saving different settings at once each kept only their own otherwise.
+    """
+    org = await session.get(Organisation, org_id, with_for_update=for_update, populate_existing=for_update)
     if org is None:
         raise NotFoundError("organisation not found")
     return org
@@ -102,7 +106,7 @@ async def update_settings(
     *, session: AsyncSession, org_id: str, changes: dict[str, Any], actor: Actor, now: datetime
 ) -> Organisation:
     """Change known settings (type-checked against the defaults) and audit before/after."""
-    org = await get(session=session, org_id=org_id)
+    org = await get(session=session, org_id=org_id, for_update=True)
     before: dict[str, Any] = {}
     for name, value in changes.items():
         if name not in DEFAULT_SETTINGS:

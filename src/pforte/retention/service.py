@@ -59,7 +59,8 @@ async def load_policy(session: AsyncSession, org_id: str) -> Policy:
 
 
 async def _org(session: AsyncSession, org_id: str) -> Organisation:
-    return await orgs.get(session=session, org_id=org_id)
+    """The organisation, locked, to change its settings."""
+    return await orgs.get(session=session, org_id=org_id, for_update=True)
 
 
 async def set_org_retention(
