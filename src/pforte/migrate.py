@@ -13,9 +13,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy import String, column, inspect, select, table
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -55,21 +54,25 @@ def head_revision() -> str | None:
     return heads.pop() if len(heads) == 1 else None
 
 
+async def revision_of(conn: AsyncConnection) -> str | None:
+    """The Alembic revision of a database (None if it was never migrated)."""
+    if not await conn.run_sync(lambda c: inspect(c).has_table("alembic_version")):
+        return None
+    version = await conn.execute(select(column("version_num", String)).select_from(table("alembic_version")))
+    value = version.scalar()
+    return None if value is None else str(value)
+
+
 def current_revision(url: str) -> str | None:
-    """The revision the database is at; None for a database Alembic has not touched yet."""
+    """``revision_of`` the database at ``url``, from code that has no event loop running."""
 
     async def read() -> str | None:
         engine = create_async_engine(url)
         try:
             async with engine.connect() as conn:
-                rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
-        except DBAPIError as exc:
-            if "alembic_version" not in str(exc.orig):
-                raise
-            return None  # no such table yet
+                return await revision_of(conn)
         finally:
             await engine.dispose()
-        return rows[0][0] if len(rows) == 1 else None
 
     return asyncio.run(read())
 

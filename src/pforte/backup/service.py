@@ -179,13 +179,7 @@ def known_revisions() -> list[str]:
     return [r.revision for r in reversed(list(script.walk_revisions()))]
 
 
-async def current_revision(conn: AsyncConnection) -> str | None:
-    """The Alembic revision of a database (None if it was never migrated)."""
-    if not await conn.run_sync(lambda c: inspect(c).has_table("alembic_version")):
-        return None
-    version = await conn.execute(select(column("version_num", String)).select_from(table("alembic_version")))
-    value = version.scalar()
-    return None if value is None else str(value)
+current_revision = migrate.revision_of  # the schema revision a backup records and a restore needs
 
 
 def _upgrade_in(sync_conn: Any, url: str, revision: str) -> None:
