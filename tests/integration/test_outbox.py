@@ -206,6 +206,20 @@ async def _crashed_after_send_started(world) -> tuple[str, str]:
     return cid, mid
 
 
+async def _decide(world, cid: str, mid: str, action: str, hold_s: float = 0.0) -> None:
+    """Staff resolve a message in review; ``hold_s``: decided, not yet committed, for that long."""
+    async with world.services.db.transaction() as s:
+        await conv.resolve_review(
+            session=s,
+            org_id=world.org_id,
+            conversation_id=cid,
+            message_id=mid,
+            action=action,
+            now=world.services.clock.now(),
+        )
+        await asyncio.sleep(hold_s)
+
+
 async def test_worker_crash_after_send_started_marks_for_review_and_never_resends(world):
     cid, mid = await _crashed_after_send_started(world)
     m = await _message(world, mid)
@@ -213,15 +227,7 @@ async def test_worker_crash_after_send_started_marks_for_review_and_never_resend
     assert [j.state for j in await _jobs(world)] == ["review"]
     assert world.sim.business_messages(PNID) == []
     # Staff decide to resend: exactly one message goes out.
-    async with world.services.db.transaction() as s:
-        await conv.resolve_review(
-            session=s,
-            org_id=world.org_id,
-            conversation_id=cid,
-            message_id=mid,
-            action="resend",
-            now=world.services.clock.now(),
-        )
+    await _decide(world, cid, mid, "resend")
     await world.settle()
     assert len(world.sim.business_messages(PNID)) == 1
 
@@ -233,17 +239,7 @@ async def test_two_staff_resending_one_message_at_once_send_it_once(world):
     cid, mid = await _crashed_after_send_started(world)
 
     async def decide(action: str) -> None:
-        async with world.services.db.transaction() as s:
-            await conv.resolve_review(
-                session=s,
-                org_id=world.org_id,
-                conversation_id=cid,
-                message_id=mid,
-                action=action,
-                now=world.services.clock.now(),
-            )
-            if action == "resend":
-                await asyncio.sleep(0.5)  # decided, not yet committed, while the other one starts
+        await _decide(world, cid, mid, action, hold_s=0.5 if action == "resend" else 0.0)
 
     first = asyncio.create_task(decide("resend"))
     await asyncio.sleep(0.1)
