@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pforte.staff import security
 
 
+@pytest.mark.dsk("I.2")
 async def test_a_password_is_checked_against_its_hash_and_an_unknown_account_costs_a_dummy_check():
     stored = await security.hash_password("Richtig-und-lang-genug")
     assert stored.startswith("$argon2id$")
