@@ -14,7 +14,20 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, DateTime, MetaData, String, Table, bindparam, event, func, select
+from sqlalchemy import (
+    ColumnElement,
+    DateTime,
+    MetaData,
+    Result,
+    Select,
+    String,
+    Table,
+    bindparam,
+    event,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import (
@@ -181,6 +194,53 @@ async def bulk_insert(
     )
     result = await conn.exec_driver_sql(sql, params)
     return [r[0] for r in result] if returning else []
+
+
+Executor = AsyncSession | AsyncConnection
+
+# How a locking read locks on PostgreSQL. "update" is what a DELETE takes; "no_key_update" keeps
+# others from changing or locking the row but lets them insert rows referring to it ("key_share",
+# what a foreign key check takes); "share" lets others read-lock, not change.
+LOCK_MODES: dict[str, tuple[bool, bool]] = {  # mode -> (read, key_share) of with_for_update
+    "update": (False, False),
+    "no_key_update": (False, True),
+    "share": (True, False),
+    "key_share": (True, True),
+}
+
+
+def dialect_of(db: Executor) -> str:
+    """'sqlite' or 'postgresql', for a session or a connection."""
+    bind = db.get_bind() if isinstance(db, AsyncSession) else db
+    return bind.dialect.name
+
+
+async def take_write_lock(db: Executor) -> None:
+    """SQLite: take the database's write lock now, for the rest of the transaction.
+
+    The driver begins SQLite's transaction only at the first write, so reads before it see each
+    commit as it happens, and a decision taken on them can be stale by the time its write runs.
+    An UPDATE that matches nothing begins the transaction and takes the write lock without
+    writing a page: nobody else writes until this transaction ends, and what it reads from now on
+    is the latest commit. A no-op on PostgreSQL, which locks rows instead (:func:`read_locked`).
+    """
+    if dialect_of(db) == "sqlite":
+        await db.execute(text("UPDATE organisations SET id = id WHERE 0"))
+
+
+async def read_locked(db: Executor, q: Select[*tuple[Any, ...]], mode: str = "update") -> Result[Any]:
+    """Run ``q`` so that the rows it returns stay as read until the transaction ends.
+
+    PostgreSQL locks them in ``mode`` (see LOCK_MODES), in the order ``q`` sorts them (sort by id
+    where several rows are locked, so that two transactions lock in one order); rows changed by a
+    transaction it waited for are read as that one left them. SQLite has no row locks: the whole
+    database's write lock is taken first (:func:`take_write_lock`).
+    """
+    if dialect_of(db) == "postgresql":
+        read, key_share = LOCK_MODES[mode]
+        return await db.execute(q.with_for_update(read=read, key_share=key_share))
+    await take_write_lock(db)
+    return await db.execute(q)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -303,9 +303,6 @@ async def test_two_sweepers_at_once_delete_each_conversation_once(world, db_kind
 
 
 @pytest.mark.dsk("I.7")
-@pytest.mark.parametrize(
-    "db_kind", ["postgresql"]
-)  # SQLite has one writer: the second save waits before reading
 async def test_two_admins_saving_different_settings_at_once_keep_both(world):
     """One admin changes the retention period while another switches read receipts on: each
     save rewrites the settings JSON, so each must start from the other's committed change."""

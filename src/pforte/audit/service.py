@@ -29,9 +29,7 @@ from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from pforte.audit.models import AuditEvent, AuditHead
-from pforte.db import new_id, table_of, upsert_insert
-
-Executor = AsyncSession | AsyncConnection
+from pforte.db import Executor, new_id, table_of, upsert_insert
 
 GENESIS = "0" * 64
 INSTANCE = "instance"

@@ -7,6 +7,7 @@ invisible here: every function treats it as not found. Services never commit.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -15,6 +16,7 @@ from pforte.contacts.models import Contact
 from pforte.conversations.models import Attachment, Conversation, Message
 from pforte.crypto.blind_index import blind_index, normalise_phone
 from pforte.crypto.keys import KeyService
+from pforte.db import Executor, read_locked
 from pforte.errors import ConflictError, NotFoundError, ValidationError
 from pforte.orgs.models import Organisation
 
@@ -33,6 +35,22 @@ def parse_phone(phone: str) -> str:
     if not 7 <= len(digits) <= 15:
         raise ValidationError("not a phone number: an international number has 7 to 15 digits")
     return digits
+
+
+async def lock(db: Executor, contact_ids: Iterable[str], mode: str = "update") -> list[str]:
+    """Lock patients' rows (in id order); returns the ids that still exist.
+
+    A patient's row is the lock for their data as a whole (docs/scaling.md, "Concurrent
+    transactions"): every deletion of a patient's data locks it ("update") before it reads the
+    holds, placing a hold locks it ("no_key_update") before it checks its target, and the ingest
+    read-locks it ("key_share") when it finds the patient of a new message. So a deletion never
+    misses a hold placed at the same moment, and a message never lands on a patient being erased.
+    """
+    ids = sorted(set(contact_ids))
+    if not ids:
+        return []
+    q = select(Contact.id).where(Contact.id.in_(ids)).order_by(Contact.id)
+    return [str(i) for i in (await read_locked(db, q, mode)).scalars()]
 
 
 async def get(*, session: AsyncSession, org_id: str, contact_id: str) -> Contact:

@@ -43,7 +43,7 @@ from pforte.crypto.blind_index import blind_index
 from pforte.crypto.envelope import FieldCipher
 from pforte.crypto.keys import KeyService
 from pforte.crypto.models import DataKey
-from pforte.db import Database, any_of, bulk_insert, new_id, table_of
+from pforte.db import Database, any_of, bulk_insert, new_id, read_locked, table_of
 from pforte.errors import ServiceUnavailable
 from pforte.events import EventBus, LiveEvent
 from pforte.metrics import Metrics
@@ -224,6 +224,11 @@ class Ingestor:
         Creating contacts is serialised per organisation on PostgreSQL (a transaction-scoped
         advisory lock, then a second look): writers of other groups or processes may meet the same
         new patient, and a patient known only by phone number has no unique key to collide on.
+
+        The patients found are read-locked (``FOR KEY SHARE``, the weakest lock; SQLite's write
+        lock) until the commit: an erasure or retention deleting one of them either finished
+        before (the erased patient is no longer found, and the message makes a new one) or waits
+        for this transaction and then takes its messages along (contacts.service.lock).
         """
         dialect, now = tx.dialect, tx.now
         ok = await self._org(conn, org_id)
@@ -238,20 +243,20 @@ class Ingestor:
         found: dict[str, tuple[str, str]] = {}
         if not conds:
             return found
-        rows = (
-            await conn.execute(
-                select(
-                    C.c.id,
-                    C.c.dek_id,
-                    C.c.bsuid_index,
-                    C.c.phone_index,
-                    C.c.consent_state,
-                    C.c.notice_version_sent,
-                )
-                .where(C.c.org_id == org_id, or_(*conds))
-                .order_by(C.c.created_at)
+        q = (
+            select(
+                C.c.id,
+                C.c.dek_id,
+                C.c.bsuid_index,
+                C.c.phone_index,
+                C.c.consent_state,
+                C.c.notice_version_sent,
+                C.c.created_at,
             )
-        ).all()
+            .where(C.c.org_id == org_id, or_(*conds))
+            .order_by(C.c.id)  # locks are taken in id order everywhere
+        )
+        rows = sorted((await read_locked(conn, q, "key_share")).all(), key=lambda r: r.created_at)
         by_bsuid = {r.bsuid_index: r for r in rows if r.bsuid_index}
         by_phone: dict[str, Any] = {}
         for row in rows:

@@ -27,15 +27,12 @@ from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from pforte.clock import Clock, SystemClock
 from pforte.crypto.envelope import FieldCipher
 from pforte.crypto.models import DataKey
-from pforte.db import new_id
+from pforte.db import Executor, new_id
 from pforte.errors import ConfigError, CryptoError
-
-Executor = AsyncSession | AsyncConnection
 
 
 class KeyProvider(Protocol):

@@ -29,18 +29,16 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from pforte.audit import service as audit
 from pforte.audit.service import Actor
 from pforte.crypto.keys import KeyService
 from pforte.crypto.models import SigningKey
-from pforte.db import new_id, table_of
+from pforte.db import Executor, new_id, table_of
 from pforte.errors import ConflictError, NotFoundError, ValidationError
 from pforte.orgs.models import Organisation
 from pforte.staff.models import StaffUser
 
-Executor = AsyncSession | AsyncConnection
 SK = table_of(SigningKey)
 ORG = table_of(Organisation)
 STAFF = table_of(StaffUser)

@@ -4,7 +4,9 @@ Deleting is the most dangerous thing pforte does, so every path here follows the
 
 1. **Refuse early.** The object must belong to the caller's organisation and no active hold
    (legal hold, "treatment-relevant, not yet documented", …) may cover it or anything it contains.
-   A refusal names the hold's kind and changes nothing.
+   A refusal names the hold's kind and changes nothing. The patient's row is locked before the
+   holds are read (:func:`pforte.contacts.service.lock`) and placing a hold locks it too, so a
+   hold placed at the same moment is either seen here or waits and then finds its target gone.
 2. **Remember outside.** The ids of what goes are appended to the erasure ledger (outside the
    database and outside every backup) *before* the transaction commits, so a restore of an older
    backup erases them again. A ledger entry for a deletion that then failed only repeats a deletion
@@ -34,24 +36,23 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from pforte.audit import service as audit
 from pforte.audit.service import Actor
+from pforte.contacts import service as contacts
 from pforte.contacts.models import Contact
 from pforte.conversations.models import Attachment, Conversation, Message
 from pforte.crypto.blobs import BlobStore
 from pforte.crypto.keys import KeyService
 from pforte.crypto.models import DataKey
-from pforte.db import new_id, table_of
+from pforte.db import Executor, new_id, read_locked, table_of
 from pforte.deletion.ledger import Erasure, Ledger
 from pforte.deletion.models import REASONS, Tombstone
 from pforte.errors import ConflictError, NotFoundError, ValidationError
 from pforte.events import KEY_DESTROYED, EventBus, LiveEvent
 from pforte.orgs.models import Organisation
 from pforte.retention.models import Hold
-
-Executor = AsyncSession | AsyncConnection
 
 
 class HeldError(ConflictError):
@@ -214,6 +215,13 @@ async def _visible_message(db: Executor, org_id: str, message_id: str) -> Any:
     return row
 
 
+async def _locked_message(db: Executor, org_id: str, message_id: str) -> Any:
+    """The visible message, read again once its patient's row is locked (contacts.lock)."""
+    m = await _visible_message(db, org_id, message_id)
+    await contacts.lock(db, [m.contact_id])
+    return await _visible_message(db, org_id, message_id)
+
+
 async def _part_ids(db: Executor, message_ids: list[str]) -> list[str]:
     """The parts of split messages among the given ones."""
     return list((await db.execute(select(Message.id).where(Message.parent_id.in_(message_ids)))).scalars())
@@ -272,7 +280,7 @@ async def delete_message(
 ) -> Deleted:
     """Delete one message with its attachments and their files."""
     _check_reason(reason)
-    m = await _visible_message(db, org_id, message_id)
+    m = await _locked_message(db, org_id, message_id)
     parts = await _part_ids(db, [m.id])
     await _refuse_if_held(db, org_id, m, parts)
     atts = (
@@ -305,16 +313,16 @@ async def delete_attachment(
 ) -> Deleted:
     """Delete one attachment's file and name; the message stays and shows "attachment deleted"."""
     _check_reason(reason)
-    a = (
-        await db.execute(
-            select(Attachment.id, Attachment.message_id, Attachment.blob_name, Attachment.state).where(
-                Attachment.id == attachment_id, Attachment.org_id == org_id
-            )
-        )
-    ).first()
+    q = select(Attachment.id, Attachment.message_id, Attachment.blob_name, Attachment.state).where(
+        Attachment.id == attachment_id, Attachment.org_id == org_id
+    )
+    a = (await db.execute(q)).first()
     if a is None or a.state == "deleted":
         raise NotFoundError("attachment not found")
-    m = await _visible_message(db, org_id, a.message_id)
+    m = await _locked_message(db, org_id, a.message_id)
+    a = (await db.execute(q)).first()  # as it is now, under the lock
+    if a is None or a.state == "deleted":
+        raise NotFoundError("attachment not found")
     await _refuse_if_held(db, org_id, m)
     er.ledger.append([Erasure("attachment", a.id, org_id, _iso(now))])
     files = await _forget_attachment(db, er, a.id, a.blob_name)
@@ -363,15 +371,17 @@ async def delete_conversation(
 ) -> Deleted:
     """Delete a conversation with all its messages and attachments; the contact stays."""
     _check_reason(reason)
-    c = (
-        await db.execute(
-            select(Conversation.id, Conversation.contact_id)
-            .join(Contact, Contact.id == Conversation.contact_id)
-            .where(
-                Conversation.id == conversation_id, Conversation.org_id == org_id, Contact.erased_at.is_(None)
-            )
-        )
-    ).first()
+    q = (
+        select(Conversation.id, Conversation.contact_id)
+        .join(Contact, Contact.id == Conversation.contact_id)
+        .where(Conversation.id == conversation_id, Conversation.org_id == org_id, Contact.erased_at.is_(None))
+    )
+    c: Any = (await db.execute(q)).first()
+    if c is not None:
+        await contacts.lock(db, [c.contact_id])
+        # Locked too: a reply being stored in it finishes first and is deleted (and counted) here,
+        # instead of going uncounted in the conversation's cascade.
+        c = (await read_locked(db, q)).first()
     if c is None:
         raise NotFoundError("conversation not found")
     holds = await active_holds(db, org_id=org_id, conversation_ids=[c.id], contact_ids=[c.contact_id])
@@ -409,6 +419,7 @@ async def erase_contact(
     The cost does not depend on how many messages the contact has.
     """
     _check_reason(reason)
+    await contacts.lock(db, [contact_id])
     c = (
         await db.execute(
             select(Contact.id, Contact.dek_id).where(
@@ -510,7 +521,7 @@ async def delete_organisation(
     """
     _check_reason(reason)
     org = (
-        await db.execute(select(Organisation.id, Organisation.kek_id).where(Organisation.id == org_id))
+        await read_locked(db, select(Organisation.id, Organisation.kek_id).where(Organisation.id == org_id))
     ).first()
     if org is None:
         raise NotFoundError("organisation not found")

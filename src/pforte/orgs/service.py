@@ -13,6 +13,7 @@ from pforte.audit import service as audit
 from pforte.audit.service import Actor
 from pforte.crypto.keys import KeyService
 from pforte.crypto.models import DataKey
+from pforte.db import take_write_lock
 from pforte.errors import ConflictError, NotFoundError, ValidationError
 from pforte.orgs.models import Organisation
 
@@ -73,6 +74,8 @@ async def get(*, session: AsyncSession, org_id: str, for_update: bool = False) -
     Settings are one JSON value rewritten whole, so a change must start from the row as it is
     now; two admins saving different settings at once each kept only their own otherwise.
     """
+    if for_update:
+        await take_write_lock(session)  # SQLite; PostgreSQL locks the row
     org = await session.get(Organisation, org_id, with_for_update=for_update, populate_existing=for_update)
     if org is None:
         raise NotFoundError("organisation not found")

@@ -24,7 +24,7 @@ from pforte.contacts.models import Contact
 from pforte.conversations import service as conversations
 from pforte.conversations.models import Conversation, Message
 from pforte.crypto.keys import KeyService
-from pforte.db import Database
+from pforte.db import Database, read_locked
 from pforte.events import EventBus, LiveEvent
 from pforte.orgs import service as orgs
 from pforte.orgs.models import Organisation
@@ -75,8 +75,8 @@ async def reply(deps: PrivacyDeps, job: ClaimedJob) -> tuple[str, str] | None:
         conv = await session.get(Conversation, conv_id)
         contact = None
         if conv is not None:  # the patient row is the lock: one privacy decision at a time per patient
-            q = select(Contact).where(Contact.id == conv.contact_id).with_for_update()
-            contact = (await session.execute(q)).scalar_one_or_none()
+            q = select(Contact).where(Contact.id == conv.contact_id)
+            contact = (await read_locked(session, q)).scalar_one_or_none()
         if conv is None or contact is None or contact.erased_at is not None:
             await finish(conn, job, state="done", now=now)
             return None

@@ -14,6 +14,7 @@ from pforte.audit.service import Actor
 from pforte.channels.kinds import ends_at_own_server
 from pforte.channels.models import Channel
 from pforte.contacts.models import Contact
+from pforte.db import read_locked
 from pforte.errors import ConflictError, NotFoundError, ValidationError
 from pforte.orgs import service as orgs
 from pforte.orgs.models import Organisation
@@ -66,7 +67,7 @@ async def publish_notice(
         raise ValidationError(
             f"a notice text may have at most {NOTICE_MAX} characters", code="notice_too_long"
         )
-    await session.execute(select(Organisation.id).where(Organisation.id == org_id).with_for_update())
+    await read_locked(session, select(Organisation.id).where(Organisation.id == org_id))
     latest = await current_notice(session, org_id=org_id)
     if latest is not None and latest.body_de == body_de and latest.body_en == body_en:
         raise ConflictError("this text is already the current version", code="notice_unchanged")

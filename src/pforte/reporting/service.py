@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pforte.audit import service as audit
 from pforte.audit.service import Actor
+from pforte.db import take_write_lock
 from pforte.errors import ValidationError
 from pforte.reporting.models import ErrorReporting
 
@@ -90,6 +91,7 @@ async def get(*, session: AsyncSession) -> State:
 
 
 async def _row(session: AsyncSession) -> ErrorReporting:
+    await take_write_lock(session)  # SQLite; PostgreSQL locks the row
     row = await session.get(ErrorReporting, ROW_ID, with_for_update=True)
     if row is None:
         row = ErrorReporting(id=ROW_ID, enabled=False, dsn=None)

@@ -12,9 +12,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from pforte.audit import service as audit
 from pforte.audit.service import Actor
 from pforte.channels.models import Channel
+from pforte.contacts import service as contacts
 from pforte.contacts.models import Contact
 from pforte.conversations.models import Conversation, ConversationTag, Message
-from pforte.db import new_id
+from pforte.db import new_id, read_locked
 from pforte.errors import NotFoundError, ValidationError
 from pforte.orgs import service as orgs
 from pforte.orgs.models import Organisation
@@ -178,11 +179,19 @@ async def rules(session: AsyncSession, org_id: str) -> list[RetentionRule]:
 
 
 async def _target_exists(session: AsyncSession, org_id: str, kind: str, target_id: str) -> bool:
-    model: Any = {"message": Message, "conversation": Conversation, "contact": Contact}[kind]
-    q = select(model.id).where(model.id == target_id, model.org_id == org_id)
+    return await _patient_of(session, org_id, kind, target_id) is not None
+
+
+async def _patient_of(session: AsyncSession, org_id: str, kind: str, target_id: str) -> str | None:
+    """The contact a message, conversation or contact belongs to, if it is there and not erased."""
+    q = select(Contact.id).where(Contact.org_id == org_id, Contact.erased_at.is_(None))
     if kind == "contact":
-        q = q.where(Contact.erased_at.is_(None))
-    return (await session.execute(q)).scalar() is not None
+        q = q.where(Contact.id == target_id)
+    else:
+        model: Any = Message if kind == "message" else Conversation
+        q = q.join(model, model.contact_id == Contact.id).where(model.id == target_id)
+    found = (await session.execute(q)).scalar()
+    return None if found is None else str(found)
 
 
 async def place_hold(
@@ -200,7 +209,15 @@ async def place_hold(
         raise ValidationError(f"a hold is placed on one of {', '.join(TARGETS)}")
     if kind not in HOLD_KINDS:
         raise ValidationError(f"hold kind must be one of {', '.join(HOLD_KINDS)}")
-    if not await _target_exists(session, org_id, target_kind, target_id):
+    # The patient's row is the lock every deletion takes before it reads the holds (contacts.lock):
+    # a deletion already running finishes first, and the target is then looked at as it is now.
+    # The organisation's row first, as deleting an organisation locks it before its patients.
+    await read_locked(session, select(Organisation.id).where(Organisation.id == org_id), "key_share")
+    patient = await _patient_of(session, org_id, target_kind, target_id)
+    if patient is not None:
+        await contacts.lock(session, [patient], "no_key_update")
+        patient = await _patient_of(session, org_id, target_kind, target_id)
+    if patient is None:
         raise NotFoundError(f"{target_kind} not found")
     existing = (
         await session.execute(

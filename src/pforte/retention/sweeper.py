@@ -7,9 +7,13 @@ Why this is careful:
   up by :func:`pforte.deletion.service.purge_erased_step`, also one step per transaction.
 * **Several sweepers at once** (the periodic job in every process, an operator's
   ``pforte retention run``) take a per-organisation lock first: a PostgreSQL advisory lock, or on
-  SQLite the database's write lock. Candidate conversations are then read *under* that lock, and on
-  PostgreSQL locked ``FOR UPDATE``, so a message arriving at the same moment either lands before
-  the decision (and makes the conversation active again) or waits and lands in a new conversation.
+  SQLite the database's write lock. Candidate conversations are then read *under* that lock. On
+  PostgreSQL their patients' rows are locked next (the lock every deletion and every hold takes,
+  :func:`pforte.contacts.service.lock`), then the conversations ``FOR UPDATE``, and the candidates
+  are read again as they are now. So a message arriving at the same moment either lands before
+  the decision (and makes the conversation active again) or waits and lands in a new
+  conversation; a hold placed at the same moment is seen or finds its target gone; and a patient
+  whose last conversation goes is not erased while a new conversation of theirs is being stored.
 * **Holds always win**; a held conversation is skipped and reported, never touched.
 * **Nothing is decided twice**: the keyset cursor walks each candidate once per run.
 * **Time comes from the injected clock**, so tests move it instead of waiting.
@@ -32,10 +36,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from pforte.audit import service as audit
 from pforte.audit.service import SYSTEM, Actor
 from pforte.config import Settings
+from pforte.contacts import service as contacts
 from pforte.contacts.models import Contact
 from pforte.conversations.models import Attachment, Conversation, ConversationTag, Message, PendingStatus
 from pforte.crypto.models import DataKey
-from pforte.db import Database, table_of
+from pforte.db import Database, dialect_of, table_of, take_write_lock
 from pforte.deletion import service as deletion
 from pforte.deletion.ledger import Erasure
 from pforte.deletion.models import Tombstone
@@ -102,14 +107,12 @@ class SweepReport:
 
 async def _lock_org(session: AsyncSession, org_id: str) -> None:
     """Serialise sweepers of one organisation until the transaction ends."""
-    if session.get_bind().dialect.name == "postgresql":
+    if dialect_of(session) == "postgresql":
         await session.execute(
             text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": f"retention:{org_id}"}
         )
-    else:  # a real write takes SQLite's write lock; reads after it see the latest commit
-        await session.execute(
-            update(Organisation).where(Organisation.id == org_id).values(slug=Organisation.slug)
-        )
+    else:  # SQLite's write lock: reads after it see the latest commit, and nobody writes meanwhile
+        await take_write_lock(session)
 
 
 async def _candidates(
@@ -120,11 +123,13 @@ async def _candidates(
     limit: int,
     *,
     by_clock: bool = False,
+    locked: list[str] | None = None,
 ) -> list[Any]:
     """The next candidates by last activity, or (``by_clock``) by a withdrawal's retention clock.
 
     The second pass sees only conversations the first one did not: their clock is past the cutoff
-    while later activity is not (a patient who withdrew consent and wrote again).
+    while later activity is not (a patient who withdrew consent and wrote again). ``locked``: read
+    those of the given ids that are still candidates, locking them ``FOR UPDATE`` on PostgreSQL.
     """
     ref = Conversation.retention_clock_at if by_clock else Conversation.last_activity_at
     q = (
@@ -148,8 +153,10 @@ async def _candidates(
     )
     if by_clock:
         q = q.where(Conversation.last_activity_at >= cutoff)
-    if session.get_bind().dialect.name == "postgresql":
-        q = q.with_for_update(of=Conversation)
+    if locked is not None:
+        q = q.where(Conversation.id.in_(locked))
+        if dialect_of(session) == "postgresql":
+            q = q.with_for_update(of=Conversation)
     return list((await session.execute(q)).all())
 
 
@@ -323,6 +330,12 @@ async def _sweep_batch(
         rows = await _candidates(session, org_id, cutoff, cursor, batch, by_clock=by_clock)
         if not rows:
             return None
+        next_cursor = (rows[-1].ref, rows[-1].id)
+        if dialect_of(session) == "postgresql":  # SQLite: _lock_org holds the write lock already
+            await contacts.lock(session, {r.contact_id for r in rows})
+            rows = await _candidates(
+                session, org_id, cutoff, cursor, batch, by_clock=by_clock, locked=[r.id for r in rows]
+            )
         items = await _judge(session, org_id, policy, rows, now)
         going = [i for i in items if i.goes]
         report.kept_on_hold += sum(1 for i in items if i.decision.due and i.holds)
@@ -369,8 +382,7 @@ async def _sweep_batch(
                     "contacts_erased": erased,
                 },
             )
-        last = rows[-1]
-        return (last.ref, last.id)
+        return next_cursor
 
 
 async def plan(session: AsyncSession, org_id: str, now: datetime, limit: int = 10_000) -> list[DueItem]:
