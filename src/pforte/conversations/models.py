@@ -9,7 +9,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from pforte.db import Base, UTCDateTime, new_id
@@ -37,6 +47,14 @@ class Conversation(Base):
         UniqueConstraint("channel_id", "contact_id"),
         Index("ix_conversations_org_activity", "org_id", "last_activity_at"),
         Index("ix_conversations_contact", "contact_id"),
+        # The inbox header's unread total reads only the conversations with something unread.
+        Index(
+            "ix_conversations_unread",
+            "org_id",
+            "unread_count",
+            postgresql_where=text("unread_count > 0"),
+            sqlite_where=text("unread_count > 0"),
+        ),
     )
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, func, select, update
+from sqlalchemy import and_, case, func, literal_column, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -851,14 +851,19 @@ async def record_attachment_opened(
 
 
 async def counts(*, session: AsyncSession, org_id: str) -> dict[str, int]:
-    """Totals for the inbox header: conversations, unread, messages needing review."""
-    conv = (
+    """Totals for the inbox header: unread messages, messages needing review.
+
+    The unread total reads only conversations with something unread (``ix_conversations_unread``,
+    a partial index; the condition is a literal so that PostgreSQL's generic plan can use it),
+    not all of the organisation's conversations as a count of them would.
+    """
+    unread = (
         await session.execute(
-            select(func.count(), func.coalesce(func.sum(Conversation.unread_count), 0)).where(
-                Conversation.org_id == org_id
+            select(func.coalesce(func.sum(Conversation.unread_count), 0)).where(
+                Conversation.org_id == org_id, Conversation.unread_count > literal_column("0")
             )
         )
-    ).one()
+    ).scalar_one()
     review = (
         await session.execute(
             select(func.count())
@@ -866,7 +871,7 @@ async def counts(*, session: AsyncSession, org_id: str) -> dict[str, int]:
             .where(and_(Message.org_id == org_id, Message.status == "review"))
         )
     ).scalar_one()
-    return {"conversations": conv[0], "unread": int(conv[1]), "review": review}
+    return {"unread": int(unread), "review": review}
 
 
 async def resolve_review(
