@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 DATA_DIR ?= ./pforte-data
 
-.PHONY: run test lint unit integration browser frontend chromium clean i18n bench crash-test compliance-evidence
+.PHONY: run test lint unit integration browser frontend chromium clean i18n bench crash-test compliance-evidence profiler
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pforte needs Python >= 3.11")'
@@ -52,6 +52,11 @@ compliance-evidence: $(STAMP)
 i18n: $(STAMP)
 	$(BIN)/pybabel extract -F babel.cfg -o /tmp/pforte-messages.pot src/pforte
 	$(BIN)/pybabel update -i /tmp/pforte-messages.pot -d src/pforte/locale -D messages
+
+# py-spy, for the benchmarks' --profile option (bench/README.md); not needed by make test.
+profiler: $(BIN)/py-spy
+$(BIN)/py-spy: $(STAMP)
+	$(BIN)/pip install --quiet py-spy
 
 wrk:
 	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
