@@ -182,7 +182,7 @@ WHERE conversations.org_id = :org
 ORDER BY conversations.last_activity_at DESC, conversations.id DESC LIMIT 50""",
     "header counts (conversations.service.counts, 1/2)": """
 SELECT coalesce(sum(unread_count), 0) FROM conversations WHERE org_id = :org AND unread_count > 0""",
-    "header counts before 3ae6f66 (for comparison)": """
+    "header counts before e67bcd5 (for comparison)": """
 SELECT count(*), coalesce(sum(unread_count), 0) FROM conversations WHERE org_id = :org""",
     "header counts (conversations.service.counts, 2/2)": """
 SELECT count(*) FROM messages WHERE org_id = :org AND status = 'review'""",
