@@ -167,11 +167,40 @@ class World:
     async def settle(self, rounds: int = 5) -> None:
         """Let webhooks and outbox jobs run until both are quiet."""
         for _ in range(rounds):
-            await self.sim.drain(timeout=5.0)
+            await self._drain_sim()
             await self.services.outbox.drain()
             await asyncio.sleep(0)
-        await self.sim.drain(timeout=5.0)
+        await self._drain_sim()
         await self.services.outbox.drain()  # its periodic pass reconciles statuses parked meanwhile
+
+    async def _drain_sim(self) -> None:
+        """The simulator's drain; when it times out, say why (deliveries, database waits)."""
+        try:
+            await self.sim.drain(timeout=5.0)
+        except TimeoutError:
+            raise AssertionError(await self._why_not_idle()) from None
+
+    async def _why_not_idle(self) -> str:
+        queue = self.sim.queue
+        lines = [f"simulator not idle after 5 s: {queue.pending} pending"]
+        for d in queue.log[-10:]:
+            tries = ", ".join(f"{a.status_code or a.error}" for a in d.attempts) or "none"
+            lines.append(f"  delivery {d.id}: {d.update_count} update(s), {d.state}, attempts: {tries}")
+        db = self.services.db
+        if db.dialect == "postgresql":
+            from sqlalchemy import text
+
+            async with db.engine.connect() as conn:
+                rows = await conn.execute(
+                    text(
+                        "SELECT pid, state, wait_event_type, wait_event, pg_blocking_pids(pid),"
+                        " now() - xact_start, left(query, 120) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                        " AND state <> 'idle'"
+                    )
+                )
+                lines += [f"  backend {tuple(r)}" for r in rows]
+        return "\n".join(lines)
 
 
 @pytest.fixture
