@@ -398,6 +398,11 @@ class ChannelSpec:
         return f"/webhooks/whatsapp/{self.id}"
 
 
+async def _make_engine(create: Any, url: str) -> Any:
+    """An engine of one connection, made inside the loop that will use it."""
+    return create(url, pool_size=1, max_overflow=0)
+
+
 @dataclass
 class Stack:
     """pforte (and optionally the simulator) running against a fresh database."""
@@ -418,6 +423,7 @@ class Stack:
     user_id: str = ""
     trace: str | None = None  # run bench/traced_serve.py instead of pforte serve, timings to this file
     workers: int = 1  # pforte serve --workers N (PostgreSQL): N app processes under one supervisor
+    _reader: Any = None  # (asyncio.Runner, engine) of ``sql``: one loop and one connection for every poll
 
     # setup
 
@@ -557,6 +563,11 @@ class Stack:
 
     def close(self) -> None:
         """Stop every process this stack started and drop its database."""
+        if self._reader is not None:
+            runner, engine = self._reader
+            runner.run(engine.dispose())
+            runner.close()
+            self._reader = None
         self.stop_pforte()
         if self.sim_proc and self.sim_proc.poll() is None:
             self.sim_proc.send_signal(signal.SIGTERM)
@@ -686,14 +697,27 @@ class Stack:
         return asyncio.run(main())
 
     def sql(self, statement: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
-        """Rows of one SQL statement (read-only use)."""
-        import sqlalchemy as sa
+        """Rows of one SQL statement (read-only use).
 
-        async def q(sv: Any) -> list[tuple[Any, ...]]:
-            async with sv.db.engine.connect() as c:
+        One event loop and one pooled connection serve every call: the scenarios poll while the
+        load runs, and building pforte's services (and a new database connection) for each poll
+        took about a tenth of a core from the two that pforte, the simulator and PostgreSQL share.
+        """
+        import sqlalchemy as sa
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        if self._reader is None:
+            runner = asyncio.Runner()
+            engine = runner.run(_make_engine(create_async_engine, self.database_url))
+            self._reader = (runner, engine)
+        runner, engine = self._reader
+
+        async def q() -> list[tuple[Any, ...]]:
+            async with engine.connect() as c:
                 return [tuple(r) for r in await c.execute(sa.text(statement), params or {})]
 
-        return self.with_services(q)
+        result: list[tuple[Any, ...]] = runner.run(q())
+        return result
 
     def login(self) -> str:
         """Log the bench user in; return the session cookie value."""

@@ -12,6 +12,7 @@ mean, p50/p95/p99 ms) go to the trace file. The outbound and ingest scenarios us
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import functools
 import gc
@@ -55,6 +56,18 @@ def dump() -> None:
         json.dump(out, fh)
 
 
+lag_task: list[Any] = []
+
+
+async def _loop_lag(outbox: Any) -> None:
+    """Every 10 ms: how late the loop woke us (its busyness), and the outbox's jobs in flight."""
+    while True:
+        t0 = time.perf_counter()
+        await asyncio.sleep(0.01)
+        TIMES["event loop lag (10 ms sleep overshoot)"].append((time.perf_counter() - t0) * 1000 - 10)
+        TIMES["outbox jobs in flight (count, not ms)"].append(float(outbox._in_flight))
+
+
 def patch() -> None:
     """Install the timers."""
     from contextlib import asynccontextmanager
@@ -74,6 +87,21 @@ def patch() -> None:
         if cls is not None:
             cls.acquire = timed(f"{cls_name}.acquire", cls.acquire)
             cls.acquire_many = timed(f"{cls_name}.acquire_many", cls.acquire_many)
+    for name in ("_reserve", "_take_places", "_give_back"):
+        if hasattr(ratelimit.SharedPacer, name):
+            fn = getattr(ratelimit.SharedPacer, name)
+            setattr(ratelimit.SharedPacer, name, timed(f"SharedPacer.{name}", fn))
+    from pforte.outbox import worker
+
+    for name in ("claim", "recover_stale", "run_periodic", "run_once"):
+        setattr(worker.OutboxWorker, name, timed(f"OutboxWorker.{name}", getattr(worker.OutboxWorker, name)))
+    original_start = worker.OutboxWorker.start
+
+    async def start(self: Any) -> None:
+        await original_start(self)
+        lag_task.append(asyncio.get_running_loop().create_task(_loop_lag(self)))
+
+    worker.OutboxWorker.start = start  # type: ignore[method-assign]
     client.GraphClient.send = timed("GraphClient.send (HTTP to simulator)", client.GraphClient.send)
     ingest.IngestWriter._commit = timed("ingest group transaction (total)", ingest.IngestWriter._commit)
     for step in ("_write_messages", "_write_statuses", "_resolve_contacts", "_resolve_conversations"):

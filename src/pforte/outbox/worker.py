@@ -63,6 +63,8 @@ class PeriodicTask:
 
 
 NEVER = datetime(2000, 1, 1, tzinfo=UTC)
+RECOVER_EVERY_S = 1.0  # the loop looks for expired leases this often (a lease lasts a minute)
+PERIODIC_CHECK_S = 0.25  # how often the periodic loop looks for due tasks (each looks at most once a second)
 Handler = Callable[[ClaimedJob], Awaitable[None]]
 BatchHandler = Callable[[list[ClaimedJob]], Awaitable[None]]
 StaleHandler = Callable[[AsyncConnection, ClaimedJob, datetime], Awaitable[None]]
@@ -182,6 +184,7 @@ class OutboxWorker:
         self._in_flight = 0  # claimed jobs not yet finished by their handler
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._periodic_task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
         self._periodic: list[PeriodicTask] = []
         self._known_periodic: set[str] = set()
@@ -293,29 +296,41 @@ class OutboxWorker:
         self._wake.set()
 
     async def start(self) -> None:
-        """Start the worker loop."""
+        """Start the worker loop and the periodic tasks' loop."""
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="pforte-outbox")
+        if self._periodic_task is None:
+            self._periodic_task = asyncio.create_task(self._periodic_loop(), name="pforte-periodic")
 
     async def stop(self) -> None:
         """Stop claiming and wait for running jobs."""
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._periodic_task):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._periodic_task = None
         if self._running:
             await asyncio.gather(*self._running, return_exceptions=True)
 
     async def _loop(self) -> None:
+        """Claim and start jobs while there are free places; look for expired leases once a second.
+
+        Periodic tasks run in their own loop: a reconcile or a sweep that takes a few hundred
+        milliseconds must not hold up the next claim of sends.
+        """
         renewed = self.clock.monotonic()
+        recovered = float("-inf")
         while True:
             try:
                 if self._running and self.clock.monotonic() - renewed > self.lease.total_seconds() / 3:
                     await self.renew_leases()
                     renewed = self.clock.monotonic()
                 self._wake.clear()  # a wake during the turn below is kept for the wait after it
-                n = await self.run_once(wait=False)
+                if self.clock.monotonic() - recovered >= RECOVER_EVERY_S:
+                    await self.recover_stale()
+                    recovered = self.clock.monotonic()
+                n = await self._claim_and_start()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -325,10 +340,27 @@ class OutboxWorker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll)
 
+    async def _periodic_loop(self) -> None:
+        """Run the periodic tasks as they fall due (each claimed once across processes)."""
+        while True:
+            try:
+                await self.run_periodic()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("periodic task error", extra={"error": type(exc).__name__})
+            await asyncio.sleep(PERIODIC_CHECK_S)  # real time: a fake clock moves only when a test says
+
     async def run_once(self, *, wait: bool = True) -> int:
-        """Recover stale jobs, claim due ones and start them; with ``wait`` also await them."""
+        """Recover stale jobs, run due periodic tasks, claim due jobs and start them; with ``wait``
+        also await them (and force the periodic tasks)."""
         await self.recover_stale()
         await self.run_periodic(force=wait)
+        n = await self._claim_and_start(wait=wait)
+        return n
+
+    async def _claim_and_start(self, *, wait: bool = False) -> int:
+        """Claim as many due jobs as there are free places (up to ``batch``) and start them."""
         free = max(self.concurrency - self._in_flight, 0)
         if free == 0:
             self._starved = True  # the next job to finish wakes the loop
