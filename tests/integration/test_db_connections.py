@@ -7,7 +7,7 @@ These tests kill the server side of pooled connections and check what a user of 
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 
 from pforte import db as dbmod
@@ -45,8 +45,6 @@ async def test_a_recently_used_connection_is_not_pinged(pg_url):
     statements: list[str] = []
     try:
         await _backend_pid(database)
-
-        from sqlalchemy import event
 
         def _seen(conn, cursor, statement, *_):  # every statement SQLAlchemy sends
             statements.append(statement)

@@ -356,8 +356,7 @@ class OutboxWorker:
         also await them (and force the periodic tasks)."""
         await self.recover_stale()
         await self.run_periodic(force=wait)
-        n = await self._claim_and_start(wait=wait)
-        return n
+        return await self._claim_and_start(wait=wait)
 
     async def _claim_and_start(self, *, wait: bool = False) -> int:
         """Claim as many due jobs as there are free places (up to ``batch``) and start them."""
