@@ -183,6 +183,7 @@ class OutboxWorker:
         self.concurrency = concurrency
         self._in_flight = 0  # claimed jobs not yet finished by their handler
         self._wake = asyncio.Event()
+        self._periodic_wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._periodic_task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
@@ -207,7 +208,7 @@ class OutboxWorker:
         for task in self._periodic:
             if task.fn is fn:
                 task.forced = True
-        self.wake()
+        self._periodic_wake.set()
 
     def every(self, name: str, seconds: float, fn: Callable[[AsyncConnection], Awaitable[Any]]) -> None:
         """Run ``fn(conn)`` once every ``seconds`` across all processes sharing the database."""
@@ -249,7 +250,6 @@ class OutboxWorker:
                     updated_at=now,
                 )
             )
-            self.wake()
 
         async def handler(job: ClaimedJob) -> None:
             await run()
@@ -273,8 +273,11 @@ class OutboxWorker:
                 continue  # look at the claim row at most once a second per task
             task.checked, task.forced = mono, False
             async with self.db.engine.begin() as conn:
-                if forced or await self._claim(conn, task):
+                ran = forced or await self._claim(conn, task)
+                if ran:
                     await task.fn(conn)
+            if ran:
+                self.wake()  # committed now: a job the task queued can be claimed at once
 
     async def _claim(self, conn: AsyncConnection, task: PeriodicTask) -> bool:
         now = self.clock.now()
@@ -343,13 +346,16 @@ class OutboxWorker:
     async def _periodic_loop(self) -> None:
         """Run the periodic tasks as they fall due (each claimed once across processes)."""
         while True:
+            self._periodic_wake.clear()  # a run_soon during the run below is kept for the wait after it
             try:
                 await self.run_periodic()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("periodic task error", extra={"error": type(exc).__name__})
-            await asyncio.sleep(PERIODIC_CHECK_S)  # real time: a fake clock moves only when a test says
+            # Real time (a fake clock moves only when a test says); run_soon cuts the wait short.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._periodic_wake.wait(), PERIODIC_CHECK_S)
 
     async def run_once(self, *, wait: bool = True) -> int:
         """Recover stale jobs, run due periodic tasks, claim due jobs and start them; with ``wait``
