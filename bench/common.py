@@ -398,9 +398,11 @@ class ChannelSpec:
         return f"/webhooks/whatsapp/{self.id}"
 
 
-async def _make_engine(create: Any, url: str) -> Any:
+async def _reader_engine(url: str) -> Any:
     """An engine of one connection, made inside the loop that will use it."""
-    return create(url, pool_size=1, max_overflow=0)
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    return create_async_engine(url, pool_size=1, max_overflow=0)
 
 
 @dataclass
@@ -704,11 +706,10 @@ class Stack:
         took about a tenth of a core from the two that pforte, the simulator and PostgreSQL share.
         """
         import sqlalchemy as sa
-        from sqlalchemy.ext.asyncio import create_async_engine
 
         if self._reader is None:
             runner = asyncio.Runner()
-            engine = runner.run(_make_engine(create_async_engine, self.database_url))
+            engine = runner.run(_reader_engine(self.database_url))
             self._reader = (runner, engine)
         runner, engine = self._reader
 
