@@ -17,7 +17,7 @@ from pforte.bootstrap import Services
 from pforte.channels.whatsapp.routes import WebhookEdge
 from pforte.channels.whatsapp.routes import router as whatsapp_router
 from pforte.errors import RETRY_AFTER_SECONDS, UNAVAILABLE, PforteError
-from pforte.web.security import SecurityHeaders
+from pforte.web.security import NO_TELEMETRY, SecurityHeaders
 
 log = logging.getLogger("pforte.app")
 GC_GEN0_THRESHOLD = 10_000  # a server process's youngest generation (Python's default: 700)
@@ -50,7 +50,14 @@ def create_app(services: Services, *, manage_lifespan: bool = True, server_gc: b
             if manage_lifespan:
                 await services.stop()
 
-    app = FastAPI(title="pforte", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="pforte",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        telemetry=NO_TELEMETRY,
+    )
     app.state.services = services
 
     @app.exception_handler(PforteError)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fastapi.telemetry import TelemetryConfig
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CSP = (
@@ -16,6 +17,20 @@ HEADERS = [
     (b"permissions-policy", b"camera=(), microphone=(), geolocation=()"),
     (b"cross-origin-opener-policy", b"same-origin"),
 ]
+
+# FastAPI's built-in OpenTelemetry, off for good. It turns itself on when the process has an
+# OpenTelemetry provider, or when FASTAPI_OTEL_AUTO_CONFIGURE=true adds exporters from the
+# environment; it would then send every request's path (conversation ids), and every unhandled
+# exception's message and stack trace, to a collector that nobody chose in pforte's settings.
+# Error reporting is pforte's own, opt-in and scrubbed (DSK I.8, reporting/). Off, it also skips
+# three provider and environment look-ups per request (docs/performance.md).
+NO_TELEMETRY: TelemetryConfig = {
+    "tracing": False,
+    "metrics": False,
+    "logs": False,
+    "operation_spans": False,
+    "auto_configure": False,
+}
 
 
 class SecurityHeaders:

@@ -22,6 +22,7 @@ from pforte.channels.simulator.payloads import GraphError
 from pforte.channels.simulator.phone import PhoneFormError, build_phone_router, phone_error_response
 from pforte.channels.simulator.state import Simulator
 from pforte.clock import Clock
+from pforte.web.security import NO_TELEMETRY
 
 STATIC_DIR = Path(__file__).parent / "static"
 _VERSION_RE = re.compile(r"^v\d+\.\d+$")
@@ -76,6 +77,7 @@ def create_simulator_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        telemetry=NO_TELEMETRY,
     )
     app.state.sim = sim
 
