@@ -396,7 +396,7 @@ class Ingestor:
         for it, m in fresh:
             by_channel[it.channel.id].append(m.external_id)
         for ch_id, ext_ids in by_channel.items():
-            stored = await _messages_by_wamid(conn, ch_id, ext_ids, [M.c.external_id], shape="dedupe")
+            stored = await _messages_by_wamid(conn, _STORED_WAMIDS, ch_id, ext_ids)
             existing.update((ch_id, r.external_id) for r in stored)
         todo = []
         for it, m in fresh:
@@ -601,24 +601,7 @@ class Ingestor:
             wanted[it.channel.id].add(s.external_id)
         current: dict[tuple[str, str], dict[str, Any]] = {}
         for ch_id, ext_ids in wanted.items():
-            rows = await _messages_by_wamid(
-                conn,
-                ch_id,
-                ext_ids,
-                [
-                    M.c.id,
-                    M.c.org_id,
-                    M.c.conversation_id,
-                    M.c.external_id,
-                    M.c.status,
-                    M.c.sent_at,
-                    M.c.delivered_at,
-                    M.c.read_at,
-                    M.c.failed_at,
-                ],
-                M.c.direction == "out",
-                shape="status",
-            )
+            rows = await _messages_by_wamid(conn, _SENT_STATES, ch_id, ext_ids)
             for r in rows:
                 current[(ch_id, r.external_id)] = dict(r._mapping)
         changed: dict[str, dict[str, Any]] = {}
@@ -686,43 +669,56 @@ _ORG_PRIVACY = select(
     .scalar_subquery()
     .label("notice_version"),
 ).where(Organisation.id == bindparam("org_id"))
-_BY_WAMID: dict[tuple[str, str], Any] = {}
 
 
-async def _messages_by_wamid(
-    conn: AsyncConnection,
-    channel_id: str,
-    wamids: Iterable[str],
-    cols: list[Any],
-    *where: Any,
-    shape: str,
-) -> Sequence[Row[Any]]:
-    """Messages of one channel by the provider's id, one look-up in the unique
-    ``(channel_id, external_id)`` index per id.
+def _by_wamid(cols: list[Any], *where: Any) -> dict[str, Any]:
+    """The statement of ``_messages_by_wamid`` for each dialect, built once: ``cols`` of the
+    messages of channel ``:channel_id`` whose provider id is in ``:wamids``, narrowed by ``where``.
 
     On PostgreSQL the ids are unnested and each is joined to a LATERAL subquery with LIMIT 1, a plan
     shape the planner must run as a loop of index look-ups. With a semi-join (``db.any_of``) it
     may instead scan all of the channel's messages once per group when the table's statistics
     are stale (a new table filling fast, as in every benchmark): status ingest fell to
     700–810 statuses/s from 3,100/s that way, while the scan grew with the table.
-
-    The statement is built once per ``shape`` (a name for the caller's ``cols`` and ``where``,
-    which must not change between calls with the same name) and dialect, and then only executed
-    with new parameters: building it and computing its cache key cost about 3 % of the CPU of one
-    webhook per POST (docs/performance.md, "Statements built once").
     """
-    dialect = conn.dialect.name
-    stmt = _BY_WAMID.get((shape, dialect))
-    if stmt is None:
-        q = select(*cols).where(M.c.channel_id == bindparam("channel_id"), *where)
-        if dialect != "postgresql":
-            stmt = q.where(M.c.external_id.in_(bindparam("wamids", expanding=True)))
-        else:
-            ids = bindparam("wamids", type_=postgresql.ARRAY(String()))
-            u = func.unnest(ids).table_valued("wamid").render_derived(name="u")
-            one = q.where(M.c.external_id == u.c.wamid).limit(1).lateral("m")
-            stmt = select(one).select_from(u).join(one, true())
-        _BY_WAMID[(shape, dialect)] = stmt
+    q = select(*cols).where(M.c.channel_id == bindparam("channel_id"), *where)
+    ids = bindparam("wamids", type_=postgresql.ARRAY(String()))
+    u = func.unnest(ids).table_valued("wamid").render_derived(name="u")
+    one = q.where(M.c.external_id == u.c.wamid).limit(1).lateral("m")
+    return {
+        "postgresql": select(one).select_from(u).join(one, true()),
+        "sqlite": q.where(M.c.external_id.in_(bindparam("wamids", expanding=True))),
+    }
+
+
+_STORED_WAMIDS = _by_wamid([M.c.external_id])  # the dedupe
+_SENT_STATES = _by_wamid(  # what a status may change, of our own messages only
+    [
+        M.c.id,
+        M.c.org_id,
+        M.c.conversation_id,
+        M.c.external_id,
+        M.c.status,
+        M.c.sent_at,
+        M.c.delivered_at,
+        M.c.read_at,
+        M.c.failed_at,
+    ],
+    M.c.direction == "out",
+)
+
+
+async def _messages_by_wamid(
+    conn: AsyncConnection, stmts: dict[str, Any], channel_id: str, wamids: Iterable[str]
+) -> Sequence[Row[Any]]:
+    """Messages of one channel by the provider's id (``stmts`` from ``_by_wamid``), one look-up in
+    the unique ``(channel_id, external_id)`` index per id.
+
+    The statements are built once and only executed with new parameters: building them and
+    computing their cache keys cost about 3 % of the CPU of one webhook per POST
+    (docs/performance.md, "Statements built once").
+    """
+    stmt = stmts[conn.dialect.name]
     return (await conn.execute(stmt, {"channel_id": channel_id, "wamids": list(wamids)})).all()
 
 
