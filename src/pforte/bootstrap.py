@@ -53,6 +53,7 @@ class Services:
     bridge: PgEventBridge | None = None
     started: bool = False
     poster: AiohttpPoster | None = None  # the production send transport, closed on stop
+    limits: RateLimits | None = None  # the channels' pacers; shared ones give back places on stop
 
     async def start(self) -> None:
         """Start background tasks (ingest writer; outbox worker unless disabled)."""
@@ -70,6 +71,8 @@ class Services:
         """Stop background tasks and close connections."""
         if self.started:
             await self.outbox.stop()
+            if self.limits is not None:
+                await self.limits.settle()
             await self.ingest.stop()
             if self.bridge is not None:
                 await self.bridge.stop()
@@ -131,6 +134,7 @@ def build_services(
         lease_seconds=settings.outbox_lease_seconds,
         concurrency=settings.outbox_concurrency,
     )
+    limits = RateLimits(clock, db=db)
     conversation_jobs.register(
         outbox,
         conversation_jobs.JobDeps(
@@ -142,7 +146,7 @@ def build_services(
             metrics=metrics,
             bus=bus,
             http=http,
-            limits=RateLimits(clock, db=db),
+            limits=limits,
             media_max_bytes=settings.media_max_bytes,
             poster=poster,
         ),
@@ -175,5 +179,6 @@ def build_services(
         eraser=eraser,
         reporter=reporter,
         poster=aio_poster,
+        limits=limits,
         bridge=PgEventBridge(settings.effective_database_url, bus) if db.dialect == "postgresql" else None,
     )

@@ -11,6 +11,7 @@ import asyncio
 import random
 
 import pytest
+from sqlalchemy import text
 from tests.helpers import most_in_one_second
 
 from pforte.clock import SystemClock
@@ -20,11 +21,27 @@ from pforte.outbox import ratelimit
 from pforte.outbox.ratelimit import SharedPacer, Ticket
 
 
+class TwoProcesses(list[Database]):
+    """Two databases (pools) on one PostgreSQL; pacers made by ``pacers`` settle before they close."""
+
+    def __init__(self, dbs: list[Database]) -> None:
+        super().__init__(dbs)
+        self.made: list[SharedPacer] = []
+
+    def pacers(self, channel: str, rate: int, clock: SystemClock) -> list[SharedPacer]:
+        """One pacer of the channel per process."""
+        made = [SharedPacer(channel, rate, db, clock) for db in self]
+        self.made += made
+        return made
+
+
 @pytest.fixture
 async def two_processes(pg_url):
-    dbs = [Database(pg_url, pool_size=4), Database(pg_url, pool_size=4)]
-    yield dbs
-    for db in dbs:
+    procs = TwoProcesses([Database(pg_url, pool_size=4), Database(pg_url, pool_size=4)])
+    yield procs
+    for pacer in procs.made:  # as Services.stop does: no give-back left holding a connection
+        await pacer.settle()
+    for db in procs:
         await db.dispose()
 
 
@@ -53,7 +70,7 @@ async def test_two_processes_never_exceed_the_rate_when_one_of_them_is_late(two_
     rate = 20
     channel = new_channel_id()
     clock = SystemClock()
-    a, b = (SharedPacer(channel, rate, db, clock) for db in two_processes)
+    a, b = two_processes.pacers(channel, rate, clock)
     rng = random.Random(3)
     arrivals: list[float] = []
     await asyncio.gather(
@@ -69,7 +86,7 @@ async def test_single_sends_and_chunks_share_one_window(two_processes):
     rate = 10
     channel = new_channel_id()
     clock = SystemClock()
-    a, b = (SharedPacer(channel, rate, db, clock) for db in two_processes)
+    a, b = two_processes.pacers(channel, rate, clock)
     loop = asyncio.get_running_loop()
     arrivals: list[float] = []
 
@@ -96,7 +113,8 @@ async def test_places_held_by_a_process_that_died_come_back_after_the_lease(two_
     rate = 4
     channel = new_channel_id()
     clock = SystemClock()
-    dead, alive = (SharedPacer(channel, rate, db, clock) for db in two_processes)
+    dead = SharedPacer(channel, rate, two_processes[0], clock)  # never settled: it "died"
+    alive = two_processes.pacers(channel, rate, clock)[1]
     await dead.acquire_many(rate)  # every place taken, never given back: the process "died"
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -110,3 +128,24 @@ async def test_a_chunk_larger_than_the_window_is_refused(two_processes):
     pacer = SharedPacer(new_channel_id(), 5, two_processes[0], SystemClock())
     with pytest.raises(ValueError, match="does not fit"):
         await pacer.acquire_many(6)
+
+
+async def test_settle_gives_back_the_places_of_finished_sends(two_processes):
+    """On shutdown (``Services.stop``) a process gives back the places of its finished sends before
+    its pool closes; they are free for the other processes at once, not after the lease."""
+    rate = 4
+    channel = new_channel_id()
+    clock = SystemClock()
+    a, _ = two_processes.pacers(channel, rate, clock)
+    for ticket in await a.acquire_many(rate):
+        ticket.done()
+    await a.settle()
+    async with two_processes[1].engine.connect() as conn:
+        held = (
+            await conn.execute(
+                text("SELECT count(*) FROM send_places WHERE channel_id = :c AND holder IS NOT NULL"),
+                {"c": channel},
+            )
+        ).scalar_one()
+    assert held == 0
+    assert two_processes[0].engine.pool.checkedout() == 0

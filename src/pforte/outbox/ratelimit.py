@@ -40,6 +40,7 @@ MAX_RESLOTS = 3  # under sustained lag, stop re-slotting after this many tries (
 WINDOW_S = 1.0  # the provider's counting window
 WINDOW_SLACK = 0.002  # seconds added to the window for clocks that tick differently
 STUCK_AFTER_S = 120.0  # a ticket never marked done (a bug) stops blocking the window after this
+SETTLE_S = 5.0  # on shutdown, how long the places of finished sends may take to go back
 
 
 class Ticket:
@@ -292,6 +293,22 @@ class SharedPacer:
                 },
             )
 
+    async def settle(self, timeout: float = SETTLE_S) -> None:  # noqa: ASYNC109 (a bound, not a deadline)
+        """Let the places of sends already over go back (on shutdown, before the pool closes).
+
+        A give-back still waiting after ``timeout`` (a send whose answer never came) is
+        cancelled; its places come back when their lease runs out, as after a crash. Without
+        this, stopping abandoned a give-back holding a pooled connection, and its places blocked
+        the other processes' sends on the channel until the lease ran out.
+        """
+        pending = set(self._giving_back)
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=timeout)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
+
     async def acquire(self) -> Ticket:
         """A single send's slot and place in the shared window."""
         return (await self.acquire_many(1))[0]
@@ -332,6 +349,11 @@ class RateLimits:
         self._db = db if db is not None and db.dialect == "postgresql" else None
         self._margin = margin
         self._pacers: dict[str, tuple[int, Pacer | SharedPacer]] = {}
+
+    async def settle(self) -> None:
+        """Every shared pacer gives back the places of its finished sends (``SharedPacer.settle``)."""
+        shared = [p for _, p in self._pacers.values() if isinstance(p, SharedPacer)]
+        await asyncio.gather(*(p.settle() for p in shared))
 
     def for_channel(self, channel_id: str, rate_per_s: int) -> Pacer | SharedPacer:
         """The pacer of a channel at its current rate."""
