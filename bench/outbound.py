@@ -107,6 +107,16 @@ def busiest_second(times: list[float]) -> int:
     return best
 
 
+def by_second(times: list[float]) -> list[int]:
+    """Sends in each whole second from the first one: the ramp, the steady rate, the tail."""
+    counts: list[int] = []
+    for t in times:
+        i = int(t - times[0])
+        counts.extend([0] * (i + 1 - len(counts)))
+        counts[i] += 1
+    return counts
+
+
 def run(
     db: str,
     rate: int,
@@ -181,6 +191,7 @@ def run(
         "sent_to_provider": len(times),
         "messages_per_s": achieved,
         "busiest_second": busiest_second(times),
+        "sends_by_second": by_second(times),
         "drain_s": drain_s,
         "not_sent_at_end": left,
         "rate_limit_errors_130429": int(errors.get("130429", 0)),

@@ -131,13 +131,22 @@ def patch() -> None:
     AsyncEngine.begin = begin  # type: ignore[method-assign]
     AsyncSession.commit = timed("AsyncSession.commit", AsyncSession.commit)  # type: ignore[method-assign]
 
-    gc_started: dict[int, float] = {}
+    gc_started: dict[int, tuple[float, float]] = {}
 
     def _gc(phase: str, info: dict[str, Any]) -> None:  # each collection's pause, by generation
+        gen = info["generation"]
         if phase == "start":
-            gc_started[info["generation"]] = time.perf_counter()
-        elif (t0 := gc_started.pop(info["generation"], None)) is not None:
-            TIMES[f"gc pause, generation {info['generation']}"].append((time.perf_counter() - t0) * 1000)
+            gc_started[gen] = (time.perf_counter(), time.thread_time())
+        elif (t0 := gc_started.pop(gen, None)) is not None:
+            # Collections while the server imports and starts (before its gc.freeze()) apart from
+            # those under load: the full ones of start-up scan every module and take ~100 ms.
+            when = "" if gc.get_freeze_count() else " (start-up, before the freeze)"
+            TIMES[f"gc pause, generation {gen}{when}"].append((time.perf_counter() - t0[0]) * 1000)
+            # this thread's CPU beside the wall time: a pause spent off the CPU is the host's
+            TIMES[f"gc pause CPU, generation {gen}{when}"].append((time.thread_time() - t0[1]) * 1000)
+            TIMES[f"gc objects freed (count, not ms), generation {gen}{when}"].append(
+                float(info["collected"])
+            )
 
     gc.callbacks.append(_gc)
     atexit.register(dump)
