@@ -12,7 +12,9 @@ requests/s here and would measure itself), which keeps ``--connections`` POSTs i
 ``--offered-rate`` the bodies go out at that many updates/s instead, whatever the answers take
 (``common.run_open_loop``; a Python client is fine at 80 POSTs/s). Prints JSON: updates/s,
 p50/p90/p95/p99 latency per POST, non-2xx answers and socket errors, rows actually stored,
-pforte's peak RSS.
+pforte's peak RSS. ``--seed-conversations N --seed-messages M`` first fills the organisation as
+``inbox_pages.py`` does (other patients, their conversations and encrypted messages, then
+``ANALYZE``), so the ingest is measured against a hospital's database, not an empty one.
 """
 
 from __future__ import annotations
@@ -30,9 +32,27 @@ from common import (
     run_wrk,
     write_signed,
 )
+from inbox_pages import seed
 
 PNID = "100000000000777"
 PATIENTS = 1000  # message_body's default rotation
+
+
+async def _seed_and_settle(sv: Any, channel_id: str, conversations: int, messages: int) -> dict[str, Any]:
+    """Seed, then let the database finish what a bulk load leaves behind (vacuum and a checkpoint
+    on PostgreSQL, the WAL folded in on SQLite), so the measurement does not share the machine
+    with autovacuum working through a million new rows."""
+    from sqlalchemy import text
+
+    seeded = await seed(sv, channel_id, conversations, messages)
+    async with sv.db.engine.connect() as conn:
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        if conn.dialect.name == "postgresql":
+            await conn.execute(text("VACUUM (ANALYZE)"))
+            await conn.execute(text("CHECKPOINT"))
+        else:
+            await conn.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))
+    return seeded
 
 
 def run(
@@ -46,6 +66,8 @@ def run(
     workers: int = 1,
     offered_rate: int = 0,
     known_patients: bool = False,
+    seed_conversations: int = 0,
+    seed_messages: int = 0,
 ) -> dict[str, Any]:
     """One ingest measurement on a fresh stack: wrk's closed loop, or an open loop at ``offered_rate``."""
     ch = ChannelSpec(PNID)
@@ -53,6 +75,11 @@ def run(
     posts = max(int(max(expected_rate, offered_rate) * seconds * 1.5 / batch), 200 if batch < 100 else 40)
     with Stack(db, [ch], trace=trace, workers=workers) as stack:
         tsv = write_signed((message_body(PNID, i * batch, batch) for i in range(posts)), ch.secret)
+        seeded = (
+            stack.with_services(lambda sv: _seed_and_settle(sv, ch.id, seed_conversations, seed_messages))
+            if seed_conversations
+            else None
+        )
         if known_patients:  # no contact is created while measuring
             stack.patients_write_once(ch, PATIENTS)
         try:
@@ -67,7 +94,8 @@ def run(
         finally:
             tsv.unlink()
         rss, cpu, log = stack.rss(), stack.cpu(), stack.log_summary()
-        stored = stack.sql("select count(*) from messages")[0][0] - (PATIENTS if known_patients else 0)
+        before = (PATIENTS if known_patients else 0) + (seeded["messages"] if seeded else 0)
+        stored = stack.sql("select count(*) from messages")[0][0] - before
     return {
         "scenario": f"ingest_batch_{batch}",
         "db": db,
@@ -75,6 +103,7 @@ def run(
         "connections": 0 if offered_rate else connections,
         "offered_updates_per_s": offered_rate or None,
         "patients_known_before": known_patients,
+        "seeded": seeded,
         "workers": workers,
         "seconds": seconds,
         "posts_prepared": posts,
@@ -108,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
             "action": "store_true",
             "help": f"all {PATIENTS} patients write once before the measurement (no new contacts in it)",
         },
+        seed_conversations={"type": int, "default": 0, "help": "other patients' conversations first"},
+        seed_messages={"type": int, "default": 0, "help": "their messages (with --seed-conversations)"},
     )
     emit(
         run(
@@ -121,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
             args.workers,
             args.offered_rate,
             args.known_patients,
+            args.seed_conversations,
+            args.seed_messages,
         ),
         args.json_out,
     )
