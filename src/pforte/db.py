@@ -140,6 +140,15 @@ def any_of(dialect_name: str, col: Any, values: Any) -> ColumnElement[bool]:
     return cast(ColumnElement[bool], col.in_(values))
 
 
+def any_of_param(dialect_name: str, col: Any, name: str) -> ColumnElement[bool]:
+    """:func:`any_of` with a named parameter ``name`` (a list) instead of the values, for a
+    statement that is built once and executed with new lists: an expanding IN on SQLite."""
+    if dialect_name == "postgresql":
+        array = bindparam(name, type_=postgresql.ARRAY(_unsized(col.type)))
+        return cast(ColumnElement[bool], col.in_(select(func.unnest(array))))
+    return cast(ColumnElement[bool], col.in_(bindparam(name, expanding=True)))
+
+
 _BULK_SQL: dict[tuple[str, tuple[str, ...], tuple[str, ...], str | None], tuple[str, list[Any]]] = {}
 
 

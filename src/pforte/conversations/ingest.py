@@ -56,7 +56,7 @@ from pforte.crypto.blind_index import blind_index
 from pforte.crypto.envelope import FieldCipher
 from pforte.crypto.keys import KeyService
 from pforte.crypto.models import DataKey
-from pforte.db import Database, any_of, bulk_insert, new_id, table_of, take_write_lock
+from pforte.db import Database, any_of, any_of_param, bulk_insert, new_id, table_of, take_write_lock
 from pforte.errors import ServiceUnavailable
 from pforte.events import EventBus, LiveEvent
 from pforte.metrics import Metrics
@@ -143,9 +143,6 @@ _CONV_UPDATE_SQLITE = (
 )
 
 
-_IDS = postgresql.ARRAY(String())  # a list of ids as one parameter (see db.any_of)
-
-
 def _contacts_by_index() -> dict[str, Any]:
     """The patients of ``:org_id`` with a BSUID index in ``:bsuid_ix`` or a phone index in
     ``:phone_ix``, in id order (locks are taken in id order everywhere), built once per dialect.
@@ -167,23 +164,20 @@ def _contacts_by_index() -> dict[str, Any]:
         C.c.created_at,
     ]
     org: BindParameter[str] = bindparam("org_id")
-    by_bsuid = select(C.c.id).where(
-        C.c.org_id == org, C.c.bsuid_index.in_(select(func.unnest(bindparam("bsuid_ix", type_=_IDS))))
-    )
-    by_phone = select(C.c.id).where(
-        C.c.org_id == org, C.c.phone_index.in_(select(func.unnest(bindparam("phone_ix", type_=_IDS))))
-    )
+    pg, lite = "postgresql", "sqlite"
+    by_bsuid = select(C.c.id).where(C.c.org_id == org, any_of_param(pg, C.c.bsuid_index, "bsuid_ix"))
+    by_phone = select(C.c.id).where(C.c.org_id == org, any_of_param(pg, C.c.phone_index, "phone_ix"))
     return {
-        "postgresql": select(*cols)
+        pg: select(*cols)
         .where(C.c.id.in_(union_all(by_bsuid, by_phone)))
         .order_by(C.c.id)
         .with_for_update(read=True, key_share=True),
-        "sqlite": select(*cols)
+        lite: select(*cols)
         .where(
             C.c.org_id == org,
             or_(
-                C.c.bsuid_index.in_(bindparam("bsuid_ix", expanding=True)),
-                C.c.phone_index.in_(bindparam("phone_ix", expanding=True)),
+                any_of_param(lite, C.c.bsuid_index, "bsuid_ix"),
+                any_of_param(lite, C.c.phone_index, "phone_ix"),
             ),
         )
         .order_by(C.c.id),
@@ -192,16 +186,12 @@ def _contacts_by_index() -> dict[str, Any]:
 
 _CONTACTS_BY_INDEX = _contacts_by_index()
 
-# Conversations by contact and channel lists (db.any_of's forms with named parameters).
+# Conversations by contact and channel lists.
 _CONVERSATIONS_BY_PAIR = {
-    "postgresql": select(CONV.c.id, CONV.c.channel_id, CONV.c.contact_id).where(
-        CONV.c.contact_id.in_(select(func.unnest(bindparam("contact_ids", type_=_IDS)))),
-        CONV.c.channel_id.in_(select(func.unnest(bindparam("channel_ids", type_=_IDS)))),
-    ),
-    "sqlite": select(CONV.c.id, CONV.c.channel_id, CONV.c.contact_id).where(
-        CONV.c.contact_id.in_(bindparam("contact_ids", expanding=True)),
-        CONV.c.channel_id.in_(bindparam("channel_ids", expanding=True)),
-    ),
+    d: select(CONV.c.id, CONV.c.channel_id, CONV.c.contact_id).where(
+        any_of_param(d, CONV.c.contact_id, "contact_ids"), any_of_param(d, CONV.c.channel_id, "channel_ids")
+    )
+    for d in ("postgresql", "sqlite")
 }
 
 
