@@ -17,6 +17,7 @@ forward-only; statuses for a wamid not yet recorded are parked in ``pending_stat
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -835,11 +836,16 @@ async def apply_changes(conn: AsyncConnection, changed: dict[str, dict[str, Any]
         if "status" in delta and not failing:
             params["v_rank"] = status_policy.STATUS_RANK[delta["status"]]
         groups[(cols, failing)].append(params)
-    for (cols, failing), group in groups.items():
-        await conn.execute(
-            update(M).where(M.c.id == bindparam("m_id")).values({c: _guarded(c, failing) for c in cols}),
-            group,
-        )
+    for key, group in groups.items():
+        await conn.execute(_status_update(*key), group)
+
+
+@functools.cache
+def _status_update(cols: tuple[str, ...], failing: bool) -> Any:
+    """The guarded UPDATE of these columns, built once per combination (a few dozen at most: the
+    columns a status can set), so that SQLAlchemy neither builds it nor computes its cache key
+    again for every group."""
+    return update(M).where(M.c.id == bindparam("m_id")).values({c: _guarded(c, failing) for c in cols})
 
 
 async def apply_pending_statuses(
