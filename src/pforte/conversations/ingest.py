@@ -842,9 +842,9 @@ async def apply_changes(conn: AsyncConnection, changed: dict[str, dict[str, Any]
 
 @functools.cache
 def _status_update(cols: tuple[str, ...], failing: bool) -> Any:
-    """The guarded UPDATE of these columns, built once per combination (a few dozen at most: the
-    columns a status can set), so that SQLAlchemy neither builds it nor computes its cache key
-    again for every group."""
+    """The guarded UPDATE of these columns, built once per combination (subsets of the eight
+    columns a status can set, a handful in practice), so that SQLAlchemy neither builds it nor
+    computes its cache key again for every group."""
     return update(M).where(M.c.id == bindparam("m_id")).values({c: _guarded(c, failing) for c in cols})
 
 
