@@ -13,8 +13,9 @@ requests/s here and would measure itself), which keeps ``--connections`` POSTs i
 (``common.run_open_loop``; a Python client is fine at 80 POSTs/s). Prints JSON: updates/s,
 p50/p90/p95/p99 latency per POST, non-2xx answers and socket errors, rows actually stored,
 pforte's peak RSS. ``--seed-conversations N --seed-messages M`` first fills the organisation as
-``inbox_pages.py`` does (other patients, their conversations and encrypted messages, then
-``ANALYZE``), so the ingest is measured against a hospital's database, not an empty one.
+``inbox_pages.py`` does (other patients, their conversations and encrypted messages), then runs
+``VACUUM (ANALYZE)`` and ``CHECKPOINT`` (SQLite: a WAL checkpoint), so the ingest is measured
+against a settled hospital-sized database, not an empty one.
 """
 
 from __future__ import annotations
