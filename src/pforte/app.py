@@ -6,6 +6,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -19,8 +20,28 @@ from pforte.channels.whatsapp.routes import router as whatsapp_router
 from pforte.errors import RETRY_AFTER_SECONDS, UNAVAILABLE, PforteError
 from pforte.web.security import NO_TELEMETRY, SecurityHeaders
 
+if TYPE_CHECKING:
+    from starlette.types import Receive, Scope, Send
+
 log = logging.getLogger("pforte.app")
 GC_GEN0_THRESHOLD = 10_000  # a server process's youngest generation (Python's default: 700)
+
+
+class PforteApp(FastAPI):
+    """FastAPI with the webhook POST answered ahead of everything, FastAPI's own middlewares included.
+
+    ``add_middleware`` only places a middleware inside the three FastAPI always puts first (the
+    500 handler, exception telemetry, the body limit); each wrapped every webhook POST and its
+    answer's ``send``. WebhookEdge does those three jobs itself (docs/performance.md, "The
+    webhook's edge ahead of FastAPI's middlewares").
+    """
+
+    def __init__(self, *, services: Services, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._edge = WebhookEdge(super().__call__, services=services)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._edge(scope, receive, send)
 
 
 def create_app(services: Services, *, manage_lifespan: bool = True, server_gc: bool = False) -> FastAPI:
@@ -50,7 +71,8 @@ def create_app(services: Services, *, manage_lifespan: bool = True, server_gc: b
             if manage_lifespan:
                 await services.stop()
 
-    app = FastAPI(
+    app = PforteApp(
+        services=services,
         title="pforte",
         lifespan=lifespan,
         docs_url=None,
@@ -118,5 +140,4 @@ def create_app(services: Services, *, manage_lifespan: bool = True, server_gc: b
     app.include_router(exports_router)
     app.include_router(compliance_router)
     app.add_middleware(SecurityHeaders)
-    app.add_middleware(WebhookEdge, services=services)  # outermost of ours: the webhook POST
     return app

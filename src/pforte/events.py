@@ -91,6 +91,9 @@ class PgEventBridge:
         self._dsn = dsn.replace("postgresql+asyncpg://", "postgresql://", 1)
         self._bus = bus
         self._origin = f"{os.getpid()}-{secrets.token_hex(4)}"
+        # How this process's own notifications begin (``_forward`` puts the origin first), so they are
+        # recognised without parsing: with one process every notification comes back to it.
+        self._own_prefix = json.dumps({"o": self._origin})[:-1] + ","
         self._conn: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._outbox: asyncio.Queue[str] = asyncio.Queue(maxsize=10_000)
@@ -134,6 +137,8 @@ class PgEventBridge:
                     log.warning("event bridge reconnect failed", extra={"error": type(exc).__name__})
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        if payload.startswith(self._own_prefix):
+            return
         try:
             data = json.loads(payload)
         except ValueError:

@@ -1067,7 +1067,7 @@ class IngestWriter:
         self.metrics.ingest_group_size.observe(sum(i.batch.size for i in group))
         for item in group:
             r = item.result
-            self.metrics.messages.labels("in", "received").inc(r.accepted)
+            self.metrics.messages_received.inc(r.accepted)
             if not item.future.done():
                 item.future.set_result(r)
         for ev in events:

@@ -47,20 +47,20 @@ async def ingest_webhook(services: Services, channel_id: str, body: bytes, signa
 
     Raises PforteError (answered with its status, nothing stored) or a database error (503).
     """
-    counter = services.metrics.webhook_updates
+    metrics = services.metrics
     try:
         rt = await services.channels.get(services.db.sessionmaker, channel_id)
         webhook.verify_signature(body=body, header=signature, app_secret=rt.app_secret)
         batches = webhook.parse_webhook(webhook.parse_payload(body))
     except PforteError as exc:
-        counter.labels("rejected").inc()
-        services.metrics.webhook_requests.labels(str(exc.http_status)).inc()
+        metrics.updates_rejected.inc()
+        metrics.webhook_requests.labels(str(exc.http_status)).inc()
         raise
     work: list[tuple[ChannelRuntime, InboundBatch]] = []
     for ref, batch in batches.items():
         target = rt if ref == rt.phone_number_id else await _sibling(services, rt, ref)
         if target is None:
-            counter.labels("rejected").inc(batch.size)
+            metrics.updates_rejected.inc(batch.size)
             log.warning("webhook for an unknown number", extra={"channel_id": channel_id})
             continue
         if batch.size:
@@ -68,12 +68,12 @@ async def ingest_webhook(services: Services, channel_id: str, body: bytes, signa
     try:
         results = await asyncio.gather(*(services.ingest.submit(ch, b) for ch, b in work))
     except PforteError as exc:
-        services.metrics.webhook_requests.labels(str(exc.http_status)).inc()
+        metrics.webhook_requests.labels(str(exc.http_status)).inc()
         raise
     for r in results:
-        counter.labels("accepted").inc(r.accepted + r.statuses_applied + r.statuses_pending)
-        counter.labels("duplicate").inc(r.duplicates)
-    services.metrics.webhook_requests.labels("200").inc()
+        metrics.updates_accepted.inc(r.accepted + r.statuses_applied + r.statuses_pending)
+        metrics.updates_duplicate.inc(r.duplicates)
+    metrics.requests_ok.inc()
 
 
 async def _sibling(services: Services, rt: ChannelRuntime, ref: str) -> ChannelRuntime | None:
@@ -88,7 +88,8 @@ async def _sibling(services: Services, rt: ChannelRuntime, ref: str) -> ChannelR
 
 
 class WebhookEdge:
-    """The webhook POST as a pure ASGI middleware, ahead of FastAPI's routing and request handling.
+    """The webhook POST as a pure ASGI middleware, ahead of FastAPI's middlewares, routing and
+    request handling (``pforte.app.PforteApp`` calls it first).
 
     Meta's deliveries are the one request that arrives by the thousand per second. Through FastAPI
     (exception middlewares, router, request handler, response class) a one-update POST cost about
