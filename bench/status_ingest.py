@@ -97,7 +97,13 @@ async def seed_outbound(sv: Any, channel_id: str, user_id: str, count: int) -> l
 
 
 def run(
-    db: str, batch: int, seconds: int, connections: int, expected_rate: int, offered_rate: int = 0
+    db: str,
+    batch: int,
+    seconds: int,
+    connections: int,
+    expected_rate: int,
+    offered_rate: int = 0,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     """One status-ingest measurement on a fresh stack: wrk's closed loop, or an open loop."""
     ch = ChannelSpec(PNID)
@@ -119,10 +125,13 @@ def run(
         tsv = write_signed(bodies(), ch.secret)
         try:
             stack.reset_rss()
+            spy = stack.profile(profile, seconds)
             if offered_rate:
                 load = run_open_loop(stack.url, ch.webhook_path, tsv, offered_rate / batch, seconds)
             else:
                 load = run_wrk(stack.url, ch.webhook_path, tsv, seconds, connections)
+            if spy:
+                spy.wait(30)
         finally:
             tsv.unlink()
         rss, cpu, log = stack.rss(), stack.cpu(), stack.log_summary()
@@ -165,7 +174,15 @@ def main(argv: list[str] | None = None) -> None:
             "help": "statuses/s sent at a fixed pace, whatever the answers take (open loop); 0: wrk",
         },
     )
-    result = run(args.db, args.batch, args.seconds, args.connections, args.expected_rate, args.offered_rate)
+    result = run(
+        args.db,
+        args.batch,
+        args.seconds,
+        args.connections,
+        args.expected_rate,
+        args.offered_rate,
+        args.profile,
+    )
     emit(result, args.json_out)
 
 
