@@ -86,11 +86,48 @@ class UTCDateTime(TypeDecorator[datetime]):
         value = value.astimezone(UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
+    def bind_processor(self, dialect: Dialect) -> Any:
+        """On SQLite, one function from an aware datetime to the stored text.
+
+        SQLAlchemy's own path there runs ``process_bind_param`` and then its SQLite DATETIME
+        processor, which builds a dict and %-formats it: about 3.4 µs per value, 8 % of pforte's
+        CPU when SQLite ingests 4,000 messages/s (docs/performance.md, "Datetimes on SQLite").
+        ``isoformat`` writes the same text ("2026-11-24 01:30:05.149081") in C.
+        """
+        if dialect.name == "sqlite":
+            return _sqlite_text
+        return super().bind_processor(dialect)
+
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         """Always return aware UTC."""
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+_last_sqlite_text: tuple[datetime | None, str | None] = (None, None)
+
+
+def _sqlite_text(value: datetime | None) -> str | None:
+    """UTCDateTime's bound value on SQLite: naive UTC as text, microseconds always written.
+
+    The last value's text is kept: the rows of one transaction share its ``now`` (one object),
+    so most values are the one before. The pair is replaced whole, and holds its datetime, so
+    an identical object is the same instant.
+    """
+    global _last_sqlite_text
+    last = _last_sqlite_text
+    if value is last[0]:
+        return last[1]
+    if value is None:
+        return None
+    if value.tzinfo is not UTC:
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; use aware UTC")
+        value = value.astimezone(UTC)
+    text = value.isoformat(" ", "microseconds")[:-6]  # without "+00:00"
+    _last_sqlite_text = (value, text)
+    return text
 
 
 def table_of(model: type[Base]) -> Table:
