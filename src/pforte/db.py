@@ -83,7 +83,8 @@ class UTCDateTime(TypeDecorator[datetime]):
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime given; use aware UTC")
-        value = value.astimezone(UTC)
+        if value.tzinfo is not UTC:  # pforte's clock gives UTC already
+            value = value.astimezone(UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def bind_processor(self, dialect: Dialect) -> Any:
