@@ -96,6 +96,12 @@ SCENARIOS: dict[str, tuple[str, list[str], list[str], int]] = {
         ["--batch", "1000", "--connections", "4", "--seconds", "3", "--expected-rate", "8000"],
         120,
     ),
+    "ingest_1000_open": (  # 4,000 updates/s as four POSTs of 1,000, Meta's largest batch
+        "webhook_ingest.py",
+        ["--batch", "1000", "--seconds", "10", "--offered-rate", "4000", "--known-patients"],
+        ["--batch", "1000", "--seconds", "4", "--offered-rate", "4000", "--known-patients"],
+        120,
+    ),
     "status_1": (
         "status_ingest.py",
         ["--batch", "1", "--connections", "64", "--seconds", "8"],
@@ -264,9 +270,21 @@ def row(r: dict[str, Any]) -> dict[str, Any]:
             else f"{r['connections']} conns"
         )
         offered = r.get("offered_updates_per_s") or 0
+        in_flight = r["batch"] * r["connections"]
         if 0 < offered < goal:  # a load below the target rate: does it answer everything within 250 ms?
             target = f"{offered:,}/s answered, p99 < 250 ms (below the {goal:,}/s target)"
             met = r["updates_per_s"] >= 0.99 * offered and w["p99_ms"] < 250 and r["errors"] == 0
+        elif not offered and r["batch"] > 1:
+            # A closed loop keeps `in_flight` updates waiting, so each POST waits on average
+            # in_flight ÷ rate (Little's law) however fast pforte is: its latency measures the
+            # harness's choice of connections. The latency target is judged where Meta's pace is
+            # reproduced, in the open-loop rows; this row measures throughput.
+            floor_ms = 1000 * in_flight / max(r["updates_per_s"], 1)
+            target = (
+                f"≥ {goal:,}/s (p99 not judged: {in_flight:,} updates in flight, "
+                f"so {floor_ms:,.0f} ms on average at this rate)"
+            )
+            met = r["updates_per_s"] >= goal and r["errors"] == 0
         else:
             target = f"≥ {goal:,}/s, p99 < 250 ms"
             met = r["updates_per_s"] >= goal and w["p99_ms"] < 250 and r["errors"] == 0
