@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from sqlalchemy.dialects import postgresql, sqlite
@@ -18,7 +19,7 @@ from pforte.db import UTCDateTime
 SQLITE = sqlite.dialect()
 
 
-def _bind() -> object:
+def _bind() -> Any:
     return UTCDateTime()._cached_bind_processor(SQLITE)
 
 
@@ -37,29 +38,33 @@ def test_the_text_matches_sqlalchemys_for_any_instant_with_or_without_microsecon
             rng.choice([0, rng.randint(0, 999_999)]),
             tzinfo=UTC,
         )
-        assert ours(instant) == theirs(instant.replace(tzinfo=None))  # type: ignore[operator]
+        assert ours(instant) == theirs(instant.replace(tzinfo=None))
 
 
 def test_the_same_object_twice_and_a_different_one_after_it():
     ours = _bind()
     first = datetime(2026, 11, 24, 1, 30, 5, 149_081, tzinfo=UTC)
     second = first + timedelta(microseconds=1)
-    assert ours(first) == ours(first) == "2026-11-24 01:30:05.149081"  # type: ignore[operator]
-    assert ours(second) == "2026-11-24 01:30:05.149082"  # type: ignore[operator]
-    assert ours(None) is None  # type: ignore[operator]
-    assert ours(first) == "2026-11-24 01:30:05.149081"  # type: ignore[operator]
+    assert ours(first) == ours(first) == "2026-11-24 01:30:05.149081"
+    assert ours(second) == "2026-11-24 01:30:05.149082"
+    assert ours(None) is None
+    assert ours(first) == "2026-11-24 01:30:05.149081"
 
 
 def test_other_zones_are_stored_as_utc_and_naive_values_are_refused():
     ours = _bind()
     berlin_winter = timezone(timedelta(hours=1))
-    assert ours(datetime(2026, 11, 24, 2, 0, tzinfo=berlin_winter)) == "2026-11-24 01:00:00.000000"  # type: ignore[operator]
+    assert ours(datetime(2026, 11, 24, 2, 0, tzinfo=berlin_winter)) == "2026-11-24 01:00:00.000000"
     with pytest.raises(ValueError, match="naive datetime"):
-        ours(datetime(2026, 11, 24, 2, 0))  # type: ignore[operator]
+        ours(datetime(2026, 11, 24, 2, 0))
 
 
-def test_postgresql_keeps_an_aware_value():
+def test_postgresql_gets_aware_utc_and_a_utc_value_unchanged():
     bind = UTCDateTime()._cached_bind_processor(postgresql.asyncpg.dialect())
-    value = datetime(2026, 11, 24, 2, 0, tzinfo=timezone(timedelta(hours=1)))
-    bound = bind(value) if bind else value
-    assert bound == value and bound.tzinfo is not None
+    assert bind is not None
+    berlin = datetime(2026, 11, 24, 2, 0, tzinfo=timezone(timedelta(hours=1)))
+    assert bind(berlin) == berlin and bind(berlin).tzinfo is UTC
+    already = datetime(2026, 11, 24, 1, 0, tzinfo=UTC)
+    assert bind(already) is already
+    with pytest.raises(ValueError, match="naive datetime"):
+        bind(datetime(2026, 11, 24, 2, 0))
